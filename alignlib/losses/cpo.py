@@ -1,0 +1,167 @@
+r"""Reference-free preference losses: CPO and SimPO (with AlphaPO's reward).
+
+CPO (Xu et al., 2024, https://arxiv.org/abs/2401.08417) drops DPO's reference
+model: the implicit reward of a response is beta * log pi(y|x) itself, and the
+loss is the sigmoid (or hinge, or IPO) loss on the reward margin, plus an NLL
+term on the chosen response that the caller adds (TRL's `cpo_alpha` weight).
+
+SimPO (Meng, Xia and Chen, 2024, https://arxiv.org/abs/2405.14734) uses the
+*length-averaged* log-prob as the reward and asks for a target margin gamma
+(paper eq. 6):
+
+    L_SimPO = -log sigmoid( beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma )
+
+AlphaPO (Gupta et al., 2025, https://arxiv.org/abs/2501.03884) reshapes the
+reward with alpha != 0: r(y) = (1 - P(y)^-alpha) / alpha, which tends to log P(y)
+as alpha -> 0.
+
+The inputs follow TRL's CPOTrainer: summed log-probs for the sigmoid and hinge
+CPO losses, length-averaged log-probs for ipo and simpo.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_batch, check_choice, check_positive
+
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+_EXP_MAX = {torch.float32: 80.0, torch.float64: 700.0}
+
+
+class CPOLossOutput(NamedTuple):
+    losses: torch.Tensor
+    """(B,) per-pair loss, unreduced."""
+    chosen_rewards: torch.Tensor
+    """(B,) beta * r(y_w), detached; r is log pi, or AlphaPO's reward when alpha != 0."""
+    rejected_rewards: torch.Tensor
+    """(B,) beta * r(y_l), detached."""
+
+
+def simpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+    alpha: float = 0.0,
+) -> CPOLossOutput:
+    r"""SimPO, per pair: -(1-eps) log sig(beta m - gamma) - eps log sig(-(beta m - gamma)), m = r(y_w) - r(y_l).
+
+    Args:
+        policy_chosen_logps: (B,) log pi(y_w|x) averaged over the response tokens.
+        policy_rejected_logps: (B,) the same for y_l.
+        beta: > 0, the reward scale (the paper uses 2.0 to 2.5).
+        gamma: the target reward margin (TRL's `simpo_gamma`; the paper uses 0.5 to 1.6).
+        label_smoothing: eps in [0, 0.5), as in conservative DPO.
+        alpha: AlphaPO's reward shape; 0 is plain SimPO.
+
+    Returns:
+        CPOLossOutput(losses, chosen_rewards, rejected_rewards), each (B,).
+    """
+    r_w, r_l, dtype = _rewards(policy_chosen_logps, policy_rejected_logps, beta, alpha)
+    _check_smoothing(label_smoothing, "simpo")
+    if not math.isfinite(gamma):
+        raise ValueError(f"gamma must be finite, got {gamma!r}")
+    eps = label_smoothing
+
+    z = beta * (r_w - r_l) - gamma
+    losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+    return CPOLossOutput(losses, (beta * r_w).detach(), (beta * r_l).detach())
+
+
+def cpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    alpha: float = 0.0,
+) -> CPOLossOutput:
+    r"""CPO's preference term, per pair, for each of TRL's CPOTrainer loss types.
+
+    With m = r(y_w) - r(y_l), r = log pi (or AlphaPO's reward):
+
+    ========= ====================================================== =========================
+    loss_type per-pair loss                                           paper
+    ========= ====================================================== =========================
+    sigmoid   -(1-eps) log sig(beta m) - eps log sig(-beta m)          CPO eq. 3
+    hinge     max(0, 1 - beta m)                                       SLiC
+    ipo       (m - 1/(2 beta))^2                                       IPO eq. 17
+    simpo     `simpo_loss` with gamma = simpo_gamma                    SimPO eq. 6
+    ========= ====================================================== =========================
+
+    The full CPO objective adds cpo_alpha * NLL(y_w) (TRL's default cpo_alpha = 1);
+    SimPO uses cpo_alpha = 0.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: (B,) log pi(y|x), summed over
+            response tokens for sigmoid/hinge, averaged for ipo/simpo (as TRL does).
+        beta: > 0, the reward scale (the IPO regulariser tau for ipo).
+        loss_type: one of CPO_LOSS_TYPES.
+        label_smoothing: eps in [0, 0.5) for sigmoid and simpo; must be 0 otherwise.
+        simpo_gamma: SimPO's target margin, read only by loss_type='simpo'.
+        alpha: AlphaPO's reward shape; 0 is log pi.
+
+    Returns:
+        CPOLossOutput(losses, chosen_rewards, rejected_rewards), each (B,).
+    """
+    check_choice("loss_type", loss_type, CPO_LOSS_TYPES)
+    if loss_type == "simpo":
+        return simpo_loss(
+            policy_chosen_logps,
+            policy_rejected_logps,
+            beta=beta,
+            gamma=simpo_gamma,
+            label_smoothing=label_smoothing,
+            alpha=alpha,
+        )
+    r_w, r_l, dtype = _rewards(policy_chosen_logps, policy_rejected_logps, beta, alpha)
+    _check_smoothing(label_smoothing, loss_type)
+    eps = label_smoothing
+
+    m = r_w - r_l
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * F.logsigmoid(beta * m) - eps * F.logsigmoid(-beta * m)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * m)
+    else:  # ipo
+        losses = (m - 1 / (2 * beta)) ** 2
+    return CPOLossOutput(losses, (beta * r_w).detach(), (beta * r_l).detach())
+
+
+def _rewards(
+    chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """Check the inputs; return r(y_w), r(y_l) in the compute dtype."""
+    dtype = check_batch(policy_chosen_logps=chosen_logps, policy_rejected_logps=rejected_logps)
+    check_positive("beta", beta)
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    logp_w, logp_l = chosen_logps.to(dtype), rejected_logps.to(dtype)
+    if alpha == 0:
+        return logp_w, logp_l, dtype
+    # AlphaPO: r = (1 - P^-alpha) / alpha = (1 - exp(-alpha log P)) / alpha
+    cap = _EXP_MAX[dtype]
+    r_w = (1 - torch.exp((-alpha * logp_w).clamp(max=cap))) / alpha
+    r_l = (1 - torch.exp((-alpha * logp_l).clamp(max=cap))) / alpha
+    return r_w, r_l, dtype
+
+
+def _check_smoothing(label_smoothing: float, loss_type: str) -> None:
+    if not isinstance(label_smoothing, (int, float)) or not math.isfinite(label_smoothing):
+        raise ValueError(f"label_smoothing must be a finite number, got {label_smoothing!r}")
+    if loss_type in ("sigmoid", "simpo"):
+        if not 0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type={loss_type!r}, got {label_smoothing}")
+    elif label_smoothing != 0:
+        raise ValueError(
+            f"label_smoothing={label_smoothing} has no effect on loss_type={loss_type!r}; only sigmoid and simpo read it"
+        )

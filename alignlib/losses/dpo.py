@@ -1,0 +1,263 @@
+r"""Direct Preference Optimization and its variants, as one pure function.
+
+DPO (Rafailov et al., 2023, https://arxiv.org/abs/2305.18290) trains a policy
+:math:`\pi_\theta` on pairs (x, y_w, y_l) -- a prompt, a chosen (winning) and a
+rejected (losing) response -- against a frozen reference :math:`\pi_{ref}`.
+Every variant here starts from the same two log-ratios, one per response:
+
+    u_w = log pi_theta(y_w | x) - log pi_ref(y_w | x)        (chosen_logratios)
+    u_l = log pi_theta(y_l | x) - log pi_ref(y_l | x)        (rejected_logratios)
+
+The implicit reward of a response is beta * u (returned as chosen_rewards and
+rejected_rewards), and the sigmoid loss is the Bradley-Terry likelihood of the
+preference under those rewards:
+
+    L_sigmoid = -log sigmoid(beta * (u_w - u_l))
+
+The other loss types change the link function, the regulariser, or how a batch
+is matched up; each branch of `dpo_loss` cites its paper and equation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_batch, check_choice, check_lengths, check_positive
+
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+)
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+# Loss types built on the score difference s(u_w) - s(u_l); only these have an
+# f-divergence generalisation (f-DPO, Wang et al., 2023). The rest use u directly.
+_F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop")
+# Loss types that read label_smoothing, and the open/closed range each accepts.
+_LABEL_SMOOTHING_RANGES = {
+    "sigmoid": (0.0, 0.5, "[0, 0.5)"),
+    "robust": (0.0, 0.5, "[0, 0.5)"),
+    "aot": (0.0, 0.5, "[0, 0.5)"),
+    "aot_unpaired": (0.0, 0.5, "[0, 0.5)"),
+    "exo_pair": (0.0, 0.5, "(0, 0.5)"),
+}
+# exp() arguments above this overflow (float32: e^88.7; float64: e^709.8). exp is
+# clamped there, so a score that would be inf stays finite and its gradient is 0.
+_EXP_MAX = {torch.float32: 80.0, torch.float64: 700.0}
+
+
+class DPOLossOutput(NamedTuple):
+    losses: torch.Tensor
+    """(B,) per-pair loss, unreduced. For aot/aot_unpaired, entry i belongs to the
+    i-th quantile of the batch, not to pair i (those losses sort the batch)."""
+    chosen_rewards: torch.Tensor
+    """(B,) beta * (log pi(y_w|x) - log pi_ref(y_w|x)), detached."""
+    rejected_rewards: torch.Tensor
+    """(B,) beta * (log pi(y_l|x) - log pi_ref(y_l|x)), detached."""
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+) -> DPOLossOutput:
+    r"""The DPO loss family, per pair.
+
+    With u_w, u_l the chosen and rejected log-ratios, s(.) the f-divergence score
+    (s(u) = u for the default reverse KL), h = s(u_w) - s(u_l), and eps the label
+    smoothing:
+
+    ============== ================================================================ =====================
+    loss_type      per-pair loss                                                    paper
+    ============== ================================================================ =====================
+    sigmoid        -(1-eps) log sig(beta h) - eps log sig(-beta h)                  DPO eq. 7; cDPO
+    hinge          max(0, 1 - beta h)                                               SLiC (Zhao 2023)
+    ipo            (s(u_w)/|y_w| - s(u_l)/|y_l| - 1/(2 beta))^2                     IPO eq. 17
+    exo_pair       KL(q || p_eps), q = (sig(beta h), sig(-beta h)), p_eps=(1-eps,eps) EXO eq. 16
+    nca_pair       -log sig(beta u_w) - 1/2 log sig(-beta u_w) - 1/2 log sig(-beta u_l)  NCA (Chen 2024)
+    robust         [-(1-eps) log sig(beta h) + eps log sig(-beta h)] / (1 - 2 eps)  rDPO (Chowdhury 2024)
+    bco_pair       -log sig(beta u_w) - log sig(-beta u_l)                          BCO (Jung 2024)
+    sppo_hard      (u_w - 1/(2 beta))^2 + (u_l + 1/(2 beta))^2                      SPPO eq. 4.7, P in {0,1}
+    aot            sigmoid loss on sort(log pi_w - log pi_l) - sort(ref ditto)     AOT (Melnyk 2024)
+    aot_unpaired   sigmoid loss on sort(u_w) - sort(u_l)                            AOT, unpaired
+    apo_zero       1 - sig(beta u_w) + sig(beta u_l)                                APO eq. 7
+    apo_down       sig(beta u_w) + 1 - sig(beta (u_w - u_l))                        APO eq. 8
+    discopop       (1-m) (-log sig(beta h)) + m exp(-beta h), m = sig(beta h / tau) DiscoPOP eq. 5
+    sigmoid_norm   -log sig(beta (s(u_w)/|y_w| - s(u_l)/|y_l|))                     length-normalised DPO
+    ============== ================================================================ =====================
+
+    f-divergence scores (f-DPO, Wang et al. 2023, https://arxiv.org/abs/2309.16240),
+    s(u) = f'(e^u): reverse_kl u; forward_kl 1 - e^{-u}; js_divergence
+    log 2 + log sig(u); alpha_divergence (e^{(alpha-1) u} - 1) / (alpha - 1).
+
+    Args:
+        policy_chosen_logps: (B,) log pi_theta(y_w | x), summed over response tokens.
+        policy_rejected_logps: (B,) log pi_theta(y_l | x), summed over response tokens.
+        ref_chosen_logps: (B,) log pi_ref(y_w | x).
+        ref_rejected_logps: (B,) log pi_ref(y_l | x).
+        beta: > 0. The KL strength (DPO's beta); for ipo the regulariser tau.
+        loss_type: one of DPO_LOSS_TYPES (TRL 1.16's DPOTrainer types, less `sft`).
+        label_smoothing: eps, the assumed probability that a label is flipped. Read
+            by sigmoid (conservative DPO), robust, aot and aot_unpaired (in [0, 0.5))
+            and exo_pair (needs 0 < eps < 0.5; the EXO paper uses 1e-3). Any other
+            loss_type rejects a non-zero value instead of ignoring it.
+        chosen_lengths, rejected_lengths: (B,) response token counts; required by
+            ipo and sigmoid_norm, which compare per-token averages (counts of 0 are
+            treated as 1, as TRL does).
+        f_divergence_type: one of F_DIVERGENCES; a non-default value is accepted
+            only by the loss types built on h (sigmoid, sigmoid_norm, hinge, ipo,
+            exo_pair, robust, discopop).
+        f_alpha_divergence_coef: alpha for alpha_divergence (alpha = 1 is reverse KL).
+        discopop_tau: > 0, the temperature of DiscoPOP's mixing weight.
+
+    Returns:
+        DPOLossOutput(losses (B,), chosen_rewards (B,), rejected_rewards (B,)),
+        computed in float32 (float64 if any input is float64). Reduce `losses`
+        yourself, usually with `.mean()`.
+    """
+    dtype = check_batch(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
+    check_positive("beta", beta)
+    check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
+    check_choice("f_divergence_type", f_divergence_type, F_DIVERGENCES)
+    _check_label_smoothing(label_smoothing, loss_type)
+    if f_divergence_type != "reverse_kl" and loss_type not in _F_DIVERGENCE_LOSS_TYPES:
+        raise ValueError(
+            f"f_divergence_type={f_divergence_type!r} is only defined for loss types built on the score "
+            f"difference ({', '.join(_F_DIVERGENCE_LOSS_TYPES)}); loss_type={loss_type!r} needs 'reverse_kl'"
+        )
+    if loss_type == "discopop":
+        check_positive("discopop_tau", discopop_tau)
+    if f_divergence_type == "alpha_divergence" and not math.isfinite(f_alpha_divergence_coef):
+        raise ValueError(f"f_alpha_divergence_coef must be finite, got {f_alpha_divergence_coef!r}")
+
+    pi_w, pi_l = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    ref_w, ref_l = ref_chosen_logps.to(dtype), ref_rejected_logps.to(dtype)
+    eps = label_smoothing
+
+    u_w = pi_w - ref_w  # chosen log-ratio   log pi(y_w|x) / pi_ref(y_w|x)
+    u_l = pi_l - ref_l  # rejected log-ratio log pi(y_l|x) / pi_ref(y_l|x)
+    s_w = _f_divergence_score(u_w, f_divergence_type, f_alpha_divergence_coef)
+    s_l = _f_divergence_score(u_l, f_divergence_type, f_alpha_divergence_coef)
+    h = s_w - s_l
+
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    elif loss_type == "ipo":
+        # TRL (and the IPO authors' own runs) average the log-ratios per token;
+        # the paper's eq. 17 writes sequence-level ones.
+        len_w = check_lengths("chosen_lengths", chosen_lengths, s_w, "loss_type='ipo'")
+        len_l = check_lengths("rejected_lengths", rejected_lengths, s_l, "loss_type='ipo'")
+        losses = (s_w / len_w - s_l / len_l - 1 / (2 * beta)) ** 2
+    elif loss_type == "exo_pair":
+        # KL between the model's preference distribution q over {y_w, y_l} and the
+        # smoothed label p = (1 - eps, eps).
+        q_w, log_q_w = torch.sigmoid(beta * h), F.logsigmoid(beta * h)
+        q_l, log_q_l = torch.sigmoid(-beta * h), F.logsigmoid(-beta * h)
+        losses = q_w * (log_q_w - math.log1p(-eps)) + q_l * (log_q_l - math.log(eps))
+    elif loss_type == "nca_pair":
+        r_w, r_l = beta * u_w, beta * u_l
+        losses = -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
+    elif loss_type == "robust":
+        # Unbiased under label flips with probability eps.
+        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    elif loss_type == "bco_pair":
+        losses = -F.logsigmoid(beta * u_w) - F.logsigmoid(-beta * u_l)
+    elif loss_type == "sppo_hard":
+        losses = (u_w - 1 / (2 * beta)) ** 2 + (u_l + 1 / (2 * beta)) ** 2
+    elif loss_type == "aot":
+        # Optimal transport between the batch's policy and reference margin
+        # distributions: compare them quantile by quantile.
+        policy_margins, _ = torch.sort(pi_w - pi_l)
+        ref_margins, _ = torch.sort(ref_w - ref_l)
+        delta = policy_margins - ref_margins
+        losses = -(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
+    elif loss_type == "aot_unpaired":
+        delta = torch.sort(u_w)[0] - torch.sort(u_l)[0]
+        losses = -(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
+    elif loss_type == "apo_zero":
+        # Chosen better than the policy's own outputs: raise y_w, lower y_l.
+        losses = (1 - torch.sigmoid(beta * u_w)) + torch.sigmoid(beta * u_l)
+    elif loss_type == "apo_down":
+        # Chosen worse than the policy's own outputs: lower y_w, lower y_l more.
+        losses = torch.sigmoid(beta * u_w) + (1 - torch.sigmoid(beta * (u_w - u_l)))
+    elif loss_type == "discopop":
+        x = beta * h
+        m = torch.sigmoid(x / discopop_tau)  # mixing weight, -> 1 for confident pairs
+        # m * exp(-x) written as exp(log m - x): equal, and finite where exp(-x)
+        # alone would overflow against an m that underflows to 0.
+        losses = (1 - m) * -F.logsigmoid(x) + torch.exp(F.logsigmoid(x / discopop_tau) - x)
+    elif loss_type == "sigmoid_norm":
+        len_w = check_lengths("chosen_lengths", chosen_lengths, s_w, "loss_type='sigmoid_norm'")
+        len_l = check_lengths("rejected_lengths", rejected_lengths, s_l, "loss_type='sigmoid_norm'")
+        losses = -F.logsigmoid(beta * (s_w / len_w - s_l / len_l))
+    else:  # unreachable: check_choice above
+        raise AssertionError(loss_type)
+
+    return DPOLossOutput(losses, (beta * u_w).detach(), (beta * u_l).detach())
+
+
+def _f_divergence_score(u: torch.Tensor, f_divergence_type: str, alpha: float) -> torch.Tensor:
+    """s(u) = f'(t) at t = pi/pi_ref = e^u, for the f-divergence regulariser."""
+    if f_divergence_type == "reverse_kl":  # f(t) = t log t
+        return u
+    if f_divergence_type == "forward_kl":  # f(t) = -log t
+        return 1 - torch.exp((-u).clamp(max=_EXP_MAX[u.dtype]))
+    if f_divergence_type == "js_divergence":  # f'(t) = log(2t / (1 + t))
+        return math.log(2) + F.logsigmoid(u)
+    # alpha_divergence, f'(t) = (t^(alpha-1) - 1) / (alpha - 1); alpha -> 1 is log t.
+    if abs(alpha - 1.0) < 1e-6:
+        return u
+    t = ((alpha - 1.0) * u).clamp(max=_EXP_MAX[u.dtype])
+    return (torch.exp(t) - 1.0) / (alpha - 1.0)
+
+
+def _check_label_smoothing(label_smoothing: float, loss_type: str) -> None:
+    if not isinstance(label_smoothing, (int, float)) or not math.isfinite(label_smoothing):
+        raise ValueError(f"label_smoothing must be a finite number, got {label_smoothing!r}")
+    if loss_type not in _LABEL_SMOOTHING_RANGES:
+        if label_smoothing != 0:
+            raise ValueError(
+                f"label_smoothing={label_smoothing} has no effect on loss_type={loss_type!r}; it is read only by "
+                f"{', '.join(_LABEL_SMOOTHING_RANGES)}"
+            )
+        return
+    low, high, shown = _LABEL_SMOOTHING_RANGES[loss_type]
+    low_ok = label_smoothing > low if loss_type == "exo_pair" else label_smoothing >= low
+    if not (low_ok and label_smoothing < high):
+        hint = " (the EXO paper uses 1e-3)" if loss_type == "exo_pair" else ""
+        raise ValueError(
+            f"label_smoothing must lie in {shown} for loss_type={loss_type!r}{hint}, got {label_smoothing}"
+        )

@@ -1,0 +1,473 @@
+r"""PPO with a KL penalty to a reference model: the classic RLHF recipe.
+
+Ziegler et al., 2019 (https://arxiv.org/abs/1909.08593) and InstructGPT
+(Ouyang et al., 2022) fine-tune a policy pi with PPO (Schulman et al., 2017,
+https://arxiv.org/abs/1707.06347) on the score of a reward model, while a
+per-token KL penalty keeps pi close to the reference (SFT) model pi_ref:
+
+    r_t = -kl_coef * KL_t                      for every response token t
+    r_T = -kl_coef * KL_T + score              at the last response token T
+
+The advantages come from GAE (Schulman et al., 2016, https://arxiv.org/abs/1506.02438):
+
+    delta_t = r_t + gamma V_{t+1} - V_t,   A_t = delta_t + gamma lam A_{t+1},   R_t = A_t + V_t
+
+and the update minimises the clipped surrogate and the clipped value loss, with
+rho_t = pi(a_t|s_t) / pi_old(a_t|s_t):
+
+    L_pg = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1-eps, 1+eps))
+    L_vf = 1/2 mean_t max((V_t - R_t)^2, (clip(V_t, V_old-eps_v, V_old+eps_v) - R_t)^2)
+    L    = L_pg + vf_coef L_vf
+
+All tensors of per-token values are (B, T), one row per response, with a mask
+(B, T) that is True on response tokens. Padding contributes nothing: it is
+zeroed with torch.where (so even inf or NaN filler stays out), and every mean
+is over the masked tokens of the whole batch, as in TRL's classic PPOTrainer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "mse")
+
+
+# ---------------------------------------------------------------------------
+# KL penalty and reward shaping
+# ---------------------------------------------------------------------------
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    r"""Per-token estimate of KL(pi || pi_ref) from the log-probs of the sampled tokens.
+
+    With log_r = log pi(a_t) - log pi_ref(a_t) (Schulman, "Approximating KL
+    divergence", 2020, http://joschu.net/blog/kl-approx.html):
+
+    * k1:  log_r                         unbiased, can be negative per token
+    * k2:  1/2 log_r^2                   biased, low variance (TRL classic calls it "mse")
+    * k3:  (e^{-log_r} - 1) + log_r      unbiased, >= 0, low variance
+    * abs: |log_r|
+    * mse: 1/2 log_r^2, the same as k2
+
+    Args:
+        logprobs: (..., ) log pi of the sampled tokens.
+        ref_logprobs: (...,) log pi_ref of the same tokens, same shape.
+        estimator: one of KL_ESTIMATORS.
+
+    Returns:
+        A tensor of logprobs' shape. Not masked: see kl_shaped_rewards.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; known: {', '.join(KL_ESTIMATORS)}")
+    _check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
+    log_r = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_r
+    if estimator in ("k2", "mse"):
+        return 0.5 * log_r**2
+    if estimator == "k3":
+        return torch.expm1(-log_r) + log_r
+    return log_r.abs()
+
+
+class ShapedRewards(NamedTuple):
+    rewards: torch.Tensor
+    """(B, T) -kl_coef * KL_t, plus the score at each row's last response token; 0 on padding."""
+    kl: torch.Tensor
+    """(B, T) the per-token KL estimate, 0 on padding."""
+    non_score_rewards: torch.Tensor
+    """(B, T) -kl_coef * KL_t, 0 on padding."""
+
+
+def kl_shaped_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    estimator: str = "k1",
+) -> ShapedRewards:
+    r"""Per-token rewards r_t = -kl_coef KL_t, with the sequence score added at the last response token.
+
+    Args:
+        scores: (B,) one scalar score per response (reward model or function).
+        logprobs: (B, T) log pi of each response token (the rollout policy).
+        ref_logprobs: (B, T) log pi_ref of the same tokens.
+        mask: (B, T) True (or 1) on response tokens; every row needs at least one.
+        kl_coef: >= 0, the KL weight (an AdaptiveKLController's `.value`).
+        estimator: which KL estimate (see kl_penalty).
+
+    Returns:
+        ShapedRewards(rewards, kl, non_score_rewards), each (B, T).
+    """
+    mask = _check_rollout(mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
+    _check_scores(scores, logprobs)
+    if not isinstance(kl_coef, (int, float)) or not math.isfinite(kl_coef) or kl_coef < 0:
+        raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
+
+    kl = torch.where(mask, kl_penalty(logprobs, ref_logprobs, estimator), 0.0)
+    non_score_rewards = -kl_coef * kl
+    rewards = non_score_rewards.clone()
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    rewards[rows, last_true_index(mask)] += scores.to(rewards.dtype)
+    return ShapedRewards(rewards, kl, non_score_rewards)
+
+
+def penalize_missing_eos(scores: torch.Tensor, contains_eos: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """scores - penalty for each response that never emitted EOS (cut off at max_new_tokens).
+
+    Args:
+        scores: (B,) sequence scores.
+        contains_eos: (B,) bool, whether each response contains the EOS token.
+        penalty: >= 0 subtracted from the scores of truncated responses; None leaves them as they are.
+    """
+    _check_scores(scores, scores.unsqueeze(1))
+    if contains_eos.shape != scores.shape:
+        raise ValueError(f"contains_eos has shape {tuple(contains_eos.shape)}, scores {tuple(scores.shape)}")
+    if penalty is None:
+        return scores
+    if not isinstance(penalty, (int, float)) or not math.isfinite(penalty) or penalty < 0:
+        raise ValueError(f"missing_eos_penalty must be a finite number >= 0, got {penalty!r}")
+    return torch.where(contains_eos.bool(), scores, scores - penalty)
+
+
+# ---------------------------------------------------------------------------
+# Advantages
+# ---------------------------------------------------------------------------
+
+
+class GAEOutput(NamedTuple):
+    advantages: torch.Tensor
+    """(B, T) A_t, not whitened; 0 on padding."""
+    returns: torch.Tensor
+    """(B, T) R_t = A_t + V_t, the value targets; 0 on padding."""
+
+
+def gae_advantages(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> GAEOutput:
+    r"""Generalised advantage estimation over each response.
+
+    delta_t = r_t + gamma V_{t+1} - V_t; A_t = delta_t + gamma lam A_{t+1}; R_t = A_t + V_t,
+    with V and r taken as 0 outside the mask (so the value after the last response
+    token is 0: the episode ends there).
+
+    TRL's classic `compute_advantages` returns whiten(A, mask) as the advantages:
+    call `whiten(out.advantages, mask)` for the same. The returns are not whitened.
+
+    Args:
+        rewards: (B, T) per-token rewards (kl_shaped_rewards).
+        values: (B, T) V(s_t) from the value head at rollout time.
+        mask: (B, T) True on response tokens.
+        gamma: discount in [0, 1].
+        lam: GAE's lambda in [0, 1].
+    """
+    mask = _check_rollout(mask, rewards=rewards, values=values)
+    for name, value in (("gamma", gamma), ("lam", lam)):
+        if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+
+    rewards = torch.where(mask, rewards, 0.0)
+    values = torch.where(mask, values, 0.0)
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = next_advantage
+    returns = advantages + values
+    return GAEOutput(torch.where(mask, advantages, 0.0), torch.where(mask, returns, 0.0))
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    r"""Normalise x over the masked entries: (x - mean) / sqrt(var + eps).
+
+    The variance is the unbiased one (Bessel's n-1), as in TRL's `masked_whiten`.
+    With shift_mean=True the result has mean 0 (TRL's behaviour, used for the
+    advantages); with shift_mean=False the mean is added back, so only the scale
+    changes (TRL's `whiten_rewards`). torchtune's `whiten(shift_mean=True)` is
+    the opposite convention: it adds the mean back. Entries outside the mask are 0.
+
+    Args:
+        x: (B, T) values.
+        mask: (B, T) True where x counts; None means everywhere. At least 2 entries.
+    """
+    if mask is None:
+        mask = torch.ones_like(x, dtype=torch.bool)
+    mask = _check_rollout(mask, x=x)
+    n = mask.sum()
+    if int(n) < 2:
+        raise ValueError(f"whiten needs at least 2 unmasked values for a variance, got {int(n)}")
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, 0.0)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the True entries of mask (entries outside never enter, even if inf or NaN)."""
+    return torch.where(mask, x, 0.0).sum() / mask.sum()
+
+
+# ---------------------------------------------------------------------------
+# The PPO update
+# ---------------------------------------------------------------------------
+
+
+class PolicyLossOutput(NamedTuple):
+    loss: torch.Tensor
+    """() the clipped surrogate, averaged over response tokens."""
+    per_token_losses: torch.Tensor
+    """(B, T) max(-A rho, -A clip(rho)), 0 on padding: reduce it another way if you like."""
+    clipfrac: torch.Tensor
+    """() fraction of tokens where the clipped term was the larger (the clip was active)."""
+    approx_kl: torch.Tensor
+    """() 1/2 mean (log rho)^2, the k2 estimate of KL(pi_old || pi); TRL's ppo/policy/approxkl."""
+    policy_kl: torch.Tensor
+    """() mean(-log rho), the k1 estimate; TRL's ppo/policy/policykl (used for early stopping)."""
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float = 0.2,
+) -> PolicyLossOutput:
+    r"""PPO's clipped surrogate: mean_t max(-A_t rho_t, -A_t clip(rho_t, 1-eps, 1+eps)).
+
+    Args:
+        logprobs: (B, T) log pi(a_t|s_t) under the policy being trained (with grad).
+        old_logprobs: (B, T) the same under the rollout policy (no grad).
+        advantages: (B, T) A_t, usually whitened.
+        mask: (B, T) True on response tokens.
+        cliprange: eps > 0.
+    """
+    mask = _check_rollout(mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
+    _check_positive_number("cliprange", cliprange)
+
+    log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    per_token = torch.where(mask, torch.max(unclipped, clipped), 0.0)
+
+    return PolicyLossOutput(
+        loss=masked_mean(per_token, mask),
+        per_token_losses=per_token,
+        clipfrac=masked_mean((clipped > unclipped).to(per_token.dtype), mask).detach(),
+        approx_kl=(0.5 * masked_mean(log_ratio**2, mask)).detach(),
+        policy_kl=masked_mean(-log_ratio, mask).detach(),
+    )
+
+
+class ValueLossOutput(NamedTuple):
+    loss: torch.Tensor
+    """() 1/2 mean_t max((V - R)^2, (V_clipped - R)^2)."""
+    per_token_losses: torch.Tensor
+    """(B, T) the same before the mean, 0 on padding."""
+    clipfrac: torch.Tensor
+    """() fraction of tokens where the clipped error was the larger."""
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange_value: float = 0.2,
+) -> ValueLossOutput:
+    r"""Clipped value loss: 1/2 mean_t max((V_t - R_t)^2, (clip(V_t, V_old - eps, V_old + eps) - R_t)^2).
+
+    Args:
+        values: (B, T) V(s_t) from the value head being trained (with grad).
+        old_values: (B, T) V(s_t) at rollout time.
+        returns: (B, T) the targets R_t from gae_advantages.
+        mask: (B, T) True on response tokens.
+        cliprange_value: eps > 0, how far V may move from V_old before the clip bites.
+    """
+    mask = _check_rollout(mask, values=values, old_values=old_values, returns=returns)
+    _check_positive_number("cliprange_value", cliprange_value)
+
+    values_clipped = torch.max(torch.min(values, old_values + cliprange_value), old_values - cliprange_value)
+    error_unclipped = (values - returns) ** 2
+    error_clipped = (values_clipped - returns) ** 2
+    per_token = torch.where(mask, 0.5 * torch.max(error_unclipped, error_clipped), 0.0)
+
+    return ValueLossOutput(
+        loss=masked_mean(per_token, mask),
+        per_token_losses=per_token,
+        clipfrac=masked_mean((error_clipped > error_unclipped).to(per_token.dtype), mask).detach(),
+    )
+
+
+class PPOLossOutput(NamedTuple):
+    loss: torch.Tensor
+    """() policy_loss + vf_coef * value_loss - entropy_coef * entropy: what to backpropagate."""
+    policy_loss: torch.Tensor
+    value_loss: torch.Tensor
+    """() the unweighted value loss (TRL's ppo/loss/value)."""
+    policy_clipfrac: torch.Tensor
+    value_clipfrac: torch.Tensor
+    approx_kl: torch.Tensor
+    policy_kl: torch.Tensor
+    entropy: torch.Tensor | None
+    """() mean per-token entropy when one was given, else None."""
+
+
+def ppo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    cliprange: float = 0.2,
+    cliprange_value: float = 0.2,
+    vf_coef: float = 0.1,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+) -> PPOLossOutput:
+    r"""The PPO objective: L_pg + vf_coef L_vf - entropy_coef H.
+
+    Arguments as in ppo_policy_loss and ppo_value_loss (defaults are TRL's classic
+    PPOConfig: cliprange 0.2, cliprange_value 0.2, vf_coef 0.1). `entropy` is an
+    optional (B, T) per-token entropy of the policy (with grad) for a bonus.
+    """
+    _check_positive_number("vf_coef", vf_coef, allow_zero=True)
+    _check_positive_number("entropy_coef", entropy_coef, allow_zero=True)
+    policy = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange)
+    value = ppo_value_loss(values, old_values, returns, mask, cliprange_value)
+    loss = policy.loss + vf_coef * value.loss
+    mean_entropy = None
+    if entropy is not None:
+        mask_b = _check_rollout(mask, entropy=entropy, logprobs=logprobs)
+        mean_entropy = masked_mean(entropy, mask_b)
+        loss = loss - entropy_coef * mean_entropy
+    elif entropy_coef != 0:
+        raise ValueError("entropy_coef is non-zero but no entropy was given")
+    return PPOLossOutput(
+        loss=loss,
+        policy_loss=policy.loss,
+        value_loss=value.loss,
+        policy_clipfrac=policy.clipfrac,
+        value_clipfrac=value.clipfrac,
+        approx_kl=policy.approx_kl,
+        policy_kl=policy.policy_kl,
+        entropy=mean_entropy,
+    )
+
+
+# ---------------------------------------------------------------------------
+# KL coefficient controllers
+# ---------------------------------------------------------------------------
+
+
+class AdaptiveKLController:
+    r"""Proportional control of kl_coef towards a target KL (Ziegler et al., 2019, sec. 2.2).
+
+    After each batch: e = clip(KL / target - 1, -0.2, 0.2); kl_coef *= 1 + e * n_steps / horizon.
+    KL above target raises the penalty, below lowers it.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        _check_positive_number("init_kl_coef", init_kl_coef, allow_zero=True)
+        _check_positive_number("target", target)
+        _check_positive_number("horizon", horizon)
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """current_kl: the batch's mean KL (per sequence, summed over tokens); n_steps: samples since the last update."""
+        if not math.isfinite(float(current_kl)):
+            raise ValueError(f"current_kl must be finite, got {current_kl!r}")
+        proportional_error = float(np.clip(float(current_kl) / self.target - 1, -0.2, 0.2))
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+
+
+class FixedKLController:
+    """A constant kl_coef, with the same interface as AdaptiveKLController."""
+
+    def __init__(self, kl_coef: float):
+        _check_positive_number("kl_coef", kl_coef, allow_zero=True)
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Does nothing: the coefficient is fixed."""
+
+
+# ---------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------
+
+
+def last_true_index(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last True entry in each row of a (B, T) mask."""
+    T = mask.shape[1]
+    positions = torch.arange(T, device=mask.device).expand_as(mask)
+    return torch.where(mask, positions, -1).max(dim=1).values
+
+
+def _check_same_shape(**named: torch.Tensor) -> None:
+    shape, first = None, None
+    for name, value in named.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point torch.Tensor, got {getattr(value, 'dtype', type(value))}")
+        if shape is None:
+            shape, first = value.shape, name
+        elif value.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(value.shape)} but {first} has shape {tuple(shape)}")
+
+
+def _check_rollout(mask: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
+    """Check (B, T) tensors against their mask; return the mask as bool. Values must be finite on the mask."""
+    _check_same_shape(**named)
+    like_name, like = next(iter(named.items()))
+    if like.dim() != 2:
+        raise ValueError(f"{like_name} must have shape (B, T), one row per response; got {tuple(like.shape)}")
+    if like.numel() == 0:
+        raise ValueError(f"{like_name} is empty (shape {tuple(like.shape)})")
+    if not isinstance(mask, torch.Tensor) or mask.shape != like.shape:
+        raise ValueError(f"mask must have shape {tuple(like.shape)} like {like_name}, got {tuple(getattr(mask, 'shape', ()))}")
+    if mask.dtype != torch.bool:
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("mask must hold only 0/1 (or be bool)")
+        mask = mask.bool()
+    if not bool(mask.any(dim=1).all()):
+        empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(f"mask rows {empty[:8]} have no response token")
+    for name, value in named.items():
+        if not bool(torch.isfinite(value[mask]).all()):
+            raise ValueError(f"{name} has non-finite values on response tokens")
+    return mask
+
+
+def _check_scores(scores: torch.Tensor, like: torch.Tensor) -> None:
+    if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
+        raise ValueError(f"scores must be a floating-point torch.Tensor, got {getattr(scores, 'dtype', type(scores))}")
+    if scores.shape != like.shape[:1]:
+        raise ValueError(f"scores must have shape ({like.shape[0]},), one per response; got {tuple(scores.shape)}")
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"scores contains non-finite values: {scores.tolist()[:8]}")
+
+
+def _check_positive_number(name: str, value: float, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
