@@ -148,10 +148,11 @@ def _rewards(
     logp_w, logp_l = chosen_logps.to(dtype), rejected_logps.to(dtype)
     if alpha == 0:
         return logp_w, logp_l, dtype
-    # AlphaPO: r = (1 - P^-alpha) / alpha = (1 - exp(-alpha log P)) / alpha
+    # AlphaPO: r = (1 - P^-alpha) / alpha = -expm1(-alpha log P) / alpha, which keeps
+    # its digits as log P -> 0 (where 1 - P^-alpha cancels).
     cap = _EXP_MAX[dtype]
-    r_w = (1 - torch.exp((-alpha * logp_w).clamp(max=cap))) / alpha
-    r_l = (1 - torch.exp((-alpha * logp_l).clamp(max=cap))) / alpha
+    r_w = -torch.expm1((-alpha * logp_w).clamp(max=cap)) / alpha
+    r_l = -torch.expm1((-alpha * logp_l).clamp(max=cap)) / alpha
     return r_w, r_l, dtype
 
 

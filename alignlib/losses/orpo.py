@@ -61,9 +61,15 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - e^x) for x < 0, accurate at both ends (Maechler, 2012).
 
     Near 0, 1 - e^x cancels, so use log(-expm1(x)); far below 0, e^x is tiny and
-    log1p(-e^x) keeps its digits. The switch point is x = -log 2.
+    log1p(-e^x) keeps its digits. The switch point is x = -log 2. Unlike a plain
+    torch.where over both formulas, the gradient stays finite up to x = -1e-12.
     """
-    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    far = x < -math.log(2)
+    # Each branch only sees inputs where it is finite: torch.where would otherwise
+    # send 0 * inf = NaN back through the unused branch's gradient.
+    x_far = torch.where(far, x, -1.0)
+    x_near = torch.where(far, -0.5, x)
+    return torch.where(far, torch.log1p(-torch.exp(x_far)), torch.log(-torch.expm1(x_near)))
 
 
 def orpo_loss(
