@@ -204,7 +204,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool =
     """
     if mask is None:
         mask = torch.ones_like(x, dtype=torch.bool)
-    mask = _check_rollout(mask, x=x)
+    mask = _check_rollout(mask, require_every_row=False, x=x)
     n = mask.sum()
     if int(n) < 2:
         raise ValueError(f"whiten needs at least 2 unmasked values for a variance, got {int(n)}")
@@ -434,8 +434,11 @@ def _check_same_shape(**named: torch.Tensor) -> None:
             raise ValueError(f"{name} has shape {tuple(value.shape)} but {first} has shape {tuple(shape)}")
 
 
-def _check_rollout(mask: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
-    """Check (B, T) tensors against their mask; return the mask as bool. Values must be finite on the mask."""
+def _check_rollout(mask: torch.Tensor, require_every_row: bool = True, **named: torch.Tensor) -> torch.Tensor:
+    """Check (B, T) tensors against their mask; return the mask as bool. Values must be finite on the mask.
+
+    require_every_row: each row is a response and needs at least one token (not so for whiten).
+    """
     _check_same_shape(**named)
     like_name, like = next(iter(named.items()))
     if like.dim() != 2:
@@ -448,7 +451,7 @@ def _check_rollout(mask: torch.Tensor, **named: torch.Tensor) -> torch.Tensor:
         if bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError("mask must hold only 0/1 (or be bool)")
         mask = mask.bool()
-    if not bool(mask.any(dim=1).all()):
+    if require_every_row and not bool(mask.any(dim=1).all()):
         empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
         raise ValueError(f"mask rows {empty[:8]} have no response token")
     for name, value in named.items():

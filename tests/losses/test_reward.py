@@ -1,0 +1,47 @@
+"""reward_ranking_loss: Bradley-Terry with Llama-2's margin and the centering term."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from alignlib.losses import reward_ranking_loss
+
+
+def test_by_hand():
+    out = reward_ranking_loss(torch.tensor([2.0]), torch.tensor([1.0]), margin=0.5, center_rewards_coefficient=0.01)
+    expected = -math.log(1 / (1 + math.exp(-0.5))) + 0.01 * 9.0
+    assert out.losses.item() == pytest.approx(expected, rel=1e-6)
+
+
+@given(st.floats(-30, 30), st.floats(-30, 30), st.floats(0, 5))
+def test_a_margin_raises_the_loss(r_w, r_l, m):
+    w, l = torch.tensor([r_w], dtype=torch.float64), torch.tensor([r_l], dtype=torch.float64)
+    assert reward_ranking_loss(w, l, margin=m).losses.item() >= reward_ranking_loss(w, l).losses.item()
+
+
+@given(st.floats(-30, 30), st.floats(-30, 30))
+def test_loss_depends_on_the_difference_only_without_centering(r_w, r_l):
+    w, l = torch.tensor([r_w], dtype=torch.float64), torch.tensor([r_l], dtype=torch.float64)
+    shifted = reward_ranking_loss(w + 7.0, l + 7.0).losses
+    torch.testing.assert_close(shifted, reward_ranking_loss(w, l).losses)
+
+
+def test_gradcheck_float64():
+    x = [torch.randn(5, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    margin = torch.rand(5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda a, b: reward_ranking_loss(a, b, margin=margin, center_rewards_coefficient=0.1).losses, x
+    )
+
+
+def test_errors():
+    w, l = torch.randn(4), torch.randn(4)
+    with pytest.raises(ValueError, match="margin must be a number or have shape \\(4,\\)"):
+        reward_ranking_loss(w, l, margin=torch.ones(3))
+    with pytest.raises(ValueError, match="center_rewards_coefficient"):
+        reward_ranking_loss(w, l, center_rewards_coefficient=-0.1)
+    with pytest.raises(ValueError, match="chosen_rewards must have shape \\(B,\\)"):
+        reward_ranking_loss(w.unsqueeze(-1), l)
