@@ -28,7 +28,8 @@ the line numbers they had. There are two runs, kl_estimator="k1" and "k3", on th
 same seed, so both see the same responses and log-probabilities. The policy's
 output layer gets a bias that keeps <pad> out of the samples (a sampled <pad>
 would read as the end of a response) and makes <eos> likely enough that the batch
-holds responses both with and without EOS; the script checks that mix.
+holds responses both with and without EOS, with EOS as the first and as the
+last response token among them; the script checks that mix.
 
 Run it through make_golden.sh (it builds the pinned virtual environment, with
 trl==0.25.1 and torch==2.13.0, and calls `python generate_trl025.py OUT.json`
@@ -68,7 +69,7 @@ from trl import PPOConfig, PPOTrainer  # noqa: E402
 
 assert trl.__version__ == "0.25.1", trl.__version__
 
-SEED = 3
+SEED = 1
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 WORDS = [PAD, EOS, UNK] + [chr(c) for c in range(ord("a"), ord("u") + 1)]  # 24 tokens, <pad> = 0, <eos> = 1
 PROMPTS = ["a b c d", "e f g h", "i j k l", "m n o p", "q r s t", "u a e i", "b d f h", "c g k o"]
@@ -126,7 +127,7 @@ def make_models(tokenizer: PreTrainedTokenizerFast) -> dict[str, torch.nn.Module
         num_attention_heads=2,
         num_key_value_heads=2,
         max_position_embeddings=64,
-        initializer_range=0.2,  # far from uniform next-token distributions, so the KL terms are not tiny
+        initializer_range=0.2,  # next-token distributions far enough from uniform for KL terms of ~1
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
@@ -139,12 +140,17 @@ def make_models(tokenizer: PreTrainedTokenizerFast) -> dict[str, torch.nn.Module
         head.weight.copy_(policy.lm_head.weight)
         head.bias.zero_()
         head.bias[[tokenizer.pad_token_id, tokenizer.unk_token_id]] = -30.0  # never sampled
-        head.bias[tokenizer.eos_token_id] = 1.5  # some responses stop early, some never do
+        head.bias[tokenizer.eos_token_id] = 0.5  # some responses stop early, some run to the end
     policy.lm_head = head
     score_config = LlamaConfig(**{**config.to_dict(), "num_labels": 1})
     reward_model = AutoModelForSequenceClassification.from_config(score_config)
     value_model = AutoModelForSequenceClassification.from_config(score_config)
-    return {"model": policy, "ref_model": ref_policy, "reward_model": reward_model, "value_model": value_model}
+    return {
+        "model": policy,
+        "ref_model": ref_policy,
+        "reward_model": reward_model,
+        "value_model": value_model,
+    }
 
 
 def run(kl_estimator: str, lines: dict[str, int]) -> dict[str, Any]:
@@ -226,8 +232,14 @@ def run(kl_estimator: str, lines: dict[str, int]) -> dict[str, Any]:
         assert "values" in captured, "train() never reached the PPO epochs"
 
     contain_eos = captured["contain_eos_token"]
-    assert 0 < int(contain_eos.sum()) < len(contain_eos), f"need responses with and without EOS: {contain_eos}"
+    assert 0 < int(contain_eos.sum()) < len(contain_eos), (
+        f"need responses with and without EOS: {contain_eos}"
+    )
     assert captured["responses"].shape[1] == RESPONSE_LENGTH
+    # The edge cases of where the score lands: EOS as the first response token, and EOS as the last one
+    # (sequence_lengths + 1 is then past the end, so TRL adds the score at sequence_lengths instead).
+    eos_at = captured["sequence_lengths"][contain_eos].tolist()
+    assert 0 in eos_at and RESPONSE_LENGTH - 1 in eos_at, eos_at
     return {
         "kl_estimator": args.kl_estimator,
         "kl_coef": args.kl_coef,

@@ -293,9 +293,52 @@ def reward_rows() -> list[ParityRow]:
     return rows
 
 
+def ppo_classic_rows() -> list[ParityRow]:
+    """Against the golden values of TRL 0.11.4's classic PPOTrainer (compared on response tokens)."""
+    from helpers.ppo_golden import CLASSIC, CLASSIC_INPUTS, classic_step
+
+    from alignlib.losses import AdaptiveKLController, whiten
+
+    note = "golden values from TRL 0.11.4 (scripts/ppo_golden/generate_trl011.py); compared on response tokens"
+    rows = []
+    for step in CLASSIC["steps"]:
+        cfg = step["config"]
+        variant = "full step: kl_penalty={kl_penalty}, kl_coef={kl_coef}".format(**cfg)
+        variant += ", whiten_rewards" if cfg.get("whiten_rewards") else ""
+        row = ParityRow("PPO (classic)", variant, "float64", FLOAT64_RTOL, FLOAT64_ATOL, note, cases=1)
+        ours = classic_step(cfg)
+        m = ours.mask
+        for name, key in (("kl", "kls"), ("non_score_rewards", "non_score_rewards"), ("rewards", "rewards"),
+                          ("advantages", "advantages"), ("returns", "returns"),
+                          ("grad_new_logprobs", "grad_new_logprobs"), ("grad_vpreds", "grad_vpreds")):
+            row.compare(name, getattr(ours, name)[m], torch.tensor(step[key], dtype=torch.float64)[m])
+        for name, value in ours.stats.items():
+            row.compare(name, value, step["stats"][name])
+        rows.append(row)
+
+    row = ParityRow("PPO (classic)", "whiten (shift_mean True / False)", "float64", FLOAT64_RTOL, FLOAT64_ATOL, note, cases=2)
+    inputs = CLASSIC_INPUTS["padded"]
+    m = inputs["mask"].bool()
+    for shift, key in ((True, "shift_mean_true"), (False, "shift_mean_false")):
+        golden = torch.tensor(CLASSIC["masked_whiten"][key], dtype=torch.float64)
+        row.compare(key, whiten(inputs["values"], m, shift_mean=shift)[m], golden[m])
+    rows.append(row)
+
+    spec = CLASSIC["kl_controllers"]["adaptive"]
+    row = ParityRow("PPO (classic)", "AdaptiveKLController trajectory", "float64", FLOAT64_RTOL, FLOAT64_ATOL, note)
+    controller = AdaptiveKLController(spec["init_kl_coef"], spec["target"], spec["horizon"])
+    for kl, expected in zip(spec["kl_sequence"], spec["values"], strict=True):
+        row.cases += 1
+        controller.update(kl, spec["n_steps"])
+        row.compare("kl_coef", controller.value, expected)
+    rows.append(row)
+    return rows
+
+
 ROW_BUILDERS: dict[str, Callable[[], list[ParityRow]]] = {
     "dpo": dpo_rows,
     "orpo": orpo_rows,
     "cpo": cpo_rows,
     "reward": reward_rows,
+    "ppo_classic": ppo_classic_rows,
 }
