@@ -3,8 +3,8 @@ import copy
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from alignlib.losses import dpo_loss
 from alignlib.logprobs import sequence_logprobs
+from alignlib.losses import dpo_loss
 
 torch.manual_seed(0)
 policy = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4))

@@ -335,10 +335,31 @@ def ppo_classic_rows() -> list[ParityRow]:
     return rows
 
 
+def ppo_trl025_rows() -> list[ParityRow]:
+    """Against values captured from TRL 0.25.1's PPOTrainer.train() (float32 arithmetic there)."""
+    from helpers.ppo_golden import LATER, later_run
+
+    note = ("captured from TRL 0.25.1's PPOTrainer.train() (scripts/ppo_golden/generate_trl025.py), which "
+            "computes in float32; GAE over its episode mask, which reaches one token past EOS")
+    rows = []
+    for run in LATER["runs"]:
+        r = later_run(run)
+        row = ParityRow("PPO (TRL 0.25.1)", f"kl_estimator={run['kl_estimator']}, missing_eos_penalty, GAE, whiten",
+                        "float32", FLOAT32_RTOL, FLOAT32_ATOL, note, cases=1)
+        for name, mask in (("kl", r.response_mask), ("non_score_reward", r.response_mask),
+                           ("advantages_unwhitened", r.episode_mask), ("returns", r.episode_mask),
+                           ("advantages", r.response_mask)):
+            row.compare(name, r.ours[name][mask], r.theirs[name][mask])
+        row.compare("scores", r.ours["scores"], r.theirs["scores"])
+        rows.append(row)
+    return rows
+
+
 ROW_BUILDERS: dict[str, Callable[[], list[ParityRow]]] = {
     "dpo": dpo_rows,
     "orpo": orpo_rows,
     "cpo": cpo_rows,
     "reward": reward_rows,
     "ppo_classic": ppo_classic_rows,
+    "ppo_trl025": ppo_trl025_rows,
 }

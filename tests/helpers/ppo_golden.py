@@ -77,3 +77,40 @@ def classic_step(cfg: dict) -> ClassicStep:
         mask, shaped.kl, shaped.non_score_rewards, shaped.rewards, advantages, gae.returns,
         {k: v.detach() for k, v in stats.items()}, grad_logprobs, grad_vpreds,
     )
+
+
+# ---------------------------------------------------------------------------
+# TRL 0.25.1's PPOTrainer (values captured from its train() loop; float32 arithmetic)
+# ---------------------------------------------------------------------------
+
+LATER = json.loads((GOLDEN_DIR / "ppo_trl_0_25_1.json").read_text())
+LATER_ESTIMATORS = {"k1": "k1", "k3": "k3"}
+
+
+class LaterRun(NamedTuple):
+    response_mask: torch.Tensor  # ~padding_mask: response tokens, EOS included
+    episode_mask: torch.Tensor  # ~padding_mask_p1: one position more, where 0.25.1 puts the score
+    ours: dict[str, torch.Tensor]
+    theirs: dict[str, torch.Tensor]
+
+
+def later_run(run: dict) -> LaterRun:
+    """alignlib on the tensors TRL 0.25.1's train() saw, next to what it computed from them."""
+    from alignlib.losses import kl_penalty, penalize_missing_eos
+
+    t = {k: torch.tensor(v) for k, v in run.items() if isinstance(v, list)}
+    response_mask = ~t["padding_mask"]
+    episode_mask = ~t["padding_mask_p1"]
+    kl = torch.where(response_mask, kl_penalty(t["logprobs"], t["ref_logprobs"], LATER_ESTIMATORS[run["kl_estimator"]]), 0.0)
+    scores = penalize_missing_eos(t["scores_before_penalty"], t["contain_eos_token"], run["missing_eos_penalty"])
+    # GAE and whitening on TRL's own rewards and values, over the episode as 0.25.1 defines it
+    gae = gae_advantages(t["rewards"], t["values"], episode_mask, gamma=run["gamma"], lam=run["lam"])
+    ours = {
+        "kl": kl,
+        "non_score_reward": -run["kl_coef"] * kl,
+        "scores": scores,
+        "advantages_unwhitened": gae.advantages,
+        "returns": gae.returns,
+        "advantages": whiten(gae.advantages, response_mask),
+    }
+    return LaterRun(response_mask, episode_mask, ours, t)

@@ -23,25 +23,25 @@ def test_simpo_by_hand():
 
 
 def test_cpo_simpo_type_is_simpo_loss():
-    w, l = avg_logps(0)
-    a = cpo_loss(w, l, beta=2.5, loss_type="simpo", simpo_gamma=0.8, label_smoothing=0.1)
-    b = simpo_loss(w, l, beta=2.5, gamma=0.8, label_smoothing=0.1)
+    win, lose = avg_logps(0)
+    a = cpo_loss(win, lose, beta=2.5, loss_type="simpo", simpo_gamma=0.8, label_smoothing=0.1)
+    b = simpo_loss(win, lose, beta=2.5, gamma=0.8, label_smoothing=0.1)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_cpo_sigmoid_is_dpo_with_a_zero_reference():
-    w, l = avg_logps(1)
-    zero = torch.zeros_like(w)
-    cpo = cpo_loss(w, l, beta=0.3, label_smoothing=0.05)
-    dpo = dpo_loss(w, l, zero, zero, beta=0.3, label_smoothing=0.05)
+    win, lose = avg_logps(1)
+    zero = torch.zeros_like(win)
+    cpo = cpo_loss(win, lose, beta=0.3, label_smoothing=0.05)
+    dpo = dpo_loss(win, lose, zero, zero, beta=0.3, label_smoothing=0.05)
     torch.testing.assert_close(cpo.losses, dpo.losses)
 
 
 @given(st.floats(1e-7, 1e-5))
 def test_alphapo_tends_to_log_probability(alpha):
-    w, l = avg_logps(2)
-    shaped = simpo_loss(w, l, alpha=alpha)
-    plain = simpo_loss(w, l)
+    win, lose = avg_logps(2)
+    shaped = simpo_loss(win, lose, alpha=alpha)
+    plain = simpo_loss(win, lose)
     torch.testing.assert_close(shaped.chosen_rewards, plain.chosen_rewards, rtol=1e-4, atol=1e-6)
 
 
@@ -54,26 +54,26 @@ def test_gradcheck_float64(loss_type, alpha):
 
 @given(st.sampled_from(CPO_LOSS_TYPES), st.sampled_from([torch.float32, torch.bfloat16]), st.floats(-1e4, -1e-6))
 def test_extreme_inputs_are_finite(loss_type, dtype, value):
-    w = torch.tensor([value, -1e4, -1e-6], dtype=dtype, requires_grad=True)
-    l = torch.tensor([-1e-6, value, -1e4], dtype=dtype, requires_grad=True)
-    out = cpo_loss(w, l, beta=0.1, loss_type=loss_type)
+    win = torch.tensor([value, -1e4, -1e-6], dtype=dtype, requires_grad=True)
+    lose = torch.tensor([-1e-6, value, -1e4], dtype=dtype, requires_grad=True)
+    out = cpo_loss(win, lose, beta=0.1, loss_type=loss_type)
     out.losses.sum().backward()
-    assert bool(torch.isfinite(out.losses).all()) and bool(torch.isfinite(w.grad).all())
+    assert bool(torch.isfinite(out.losses).all()) and bool(torch.isfinite(win.grad).all())
 
 
 def test_errors():
-    w, l = avg_logps(4)
+    win, lose = avg_logps(4)
     with pytest.raises(ValueError, match="unknown loss_type 'kto'; known: sigmoid, hinge, ipo, simpo"):
-        cpo_loss(w, l, loss_type="kto")
+        cpo_loss(win, lose, loss_type="kto")
     with pytest.raises(ValueError, match="has no effect on loss_type='hinge'"):
-        cpo_loss(w, l, loss_type="hinge", label_smoothing=0.1)
+        cpo_loss(win, lose, loss_type="hinge", label_smoothing=0.1)
     with pytest.raises(ValueError, match="\\[0, 0.5\\)"):
-        simpo_loss(w, l, label_smoothing=0.5)
+        simpo_loss(win, lose, label_smoothing=0.5)
     with pytest.raises(ValueError, match="beta"):
-        simpo_loss(w, l, beta=-2.0)
+        simpo_loss(win, lose, beta=-2.0)
     with pytest.raises(ValueError, match="gamma must be finite"):
-        simpo_loss(w, l, gamma=float("inf"))
+        simpo_loss(win, lose, gamma=float("inf"))
     with pytest.raises(ValueError, match="alpha"):
-        cpo_loss(w, l, alpha=float("nan"))
+        cpo_loss(win, lose, alpha=float("nan"))
     with pytest.raises(ValueError, match="policy_rejected_logps has shape"):
-        cpo_loss(w, l[:2])
+        cpo_loss(win, lose[:2])

@@ -62,9 +62,9 @@ betas = st.floats(min_value=0.01, max_value=10.0)
 @given(st.lists(logps, min_size=1, max_size=8), st.lists(logps, min_size=1, max_size=8), betas)
 def test_sigmoid_is_log2_when_policy_equals_reference(chosen, rejected, beta):
     n = min(len(chosen), len(rejected))
-    w = torch.tensor(chosen[:n], dtype=torch.float64)
-    l = torch.tensor(rejected[:n], dtype=torch.float64)
-    out = dpo_loss(w, l, w.clone(), l.clone(), beta=beta)
+    win = torch.tensor(chosen[:n], dtype=torch.float64)
+    lose = torch.tensor(rejected[:n], dtype=torch.float64)
+    out = dpo_loss(win, lose, win.clone(), lose.clone(), beta=beta)
     torch.testing.assert_close(out.losses, torch.full((n,), math.log(2), dtype=torch.float64))
     assert bool((out.chosen_rewards == 0).all()) and bool((out.rejected_rewards == 0).all())
 
@@ -182,35 +182,35 @@ def test_discopop_is_finite_where_the_naive_product_overflows():
 
 
 def test_errors_name_what_was_wrong():
-    w, l, rw, rl = batch(7)
+    win, lose, rw, rl = batch(7)
     with pytest.raises(ValueError, match="policy_rejected_logps has shape \\(5,\\) but policy_chosen_logps"):
-        dpo_loss(w, l[:5], rw, rl)
+        dpo_loss(win, lose[:5], rw, rl)
     with pytest.raises(ValueError, match="ref_chosen_logps must have shape \\(B,\\)"):
-        dpo_loss(w, l, rw.reshape(2, 3), rl)
+        dpo_loss(win, lose, rw.reshape(2, 3), rl)
     with pytest.raises(ValueError, match="empty"):
-        dpo_loss(*(t[:0] for t in (w, l, rw, rl)))
+        dpo_loss(*(t[:0] for t in (win, lose, rw, rl)))
     with pytest.raises(ValueError, match="beta must be a finite number > 0, got 0"):
-        dpo_loss(w, l, rw, rl, beta=0)
+        dpo_loss(win, lose, rw, rl, beta=0)
     with pytest.raises(ValueError, match="beta"):
-        dpo_loss(w, l, rw, rl, beta=-0.1)
+        dpo_loss(win, lose, rw, rl, beta=-0.1)
     with pytest.raises(ValueError, match="unknown loss_type 'sigmod'; known: sigmoid, hinge, ipo"):
-        dpo_loss(w, l, rw, rl, loss_type="sigmod")
+        dpo_loss(win, lose, rw, rl, loss_type="sigmod")
     with pytest.raises(ValueError, match="unknown f_divergence_type"):
-        dpo_loss(w, l, rw, rl, f_divergence_type="kl")
+        dpo_loss(win, lose, rw, rl, f_divergence_type="kl")
     with pytest.raises(ValueError, match="pass chosen_lengths"):
-        dpo_loss(w, l, rw, rl, loss_type="ipo")
+        dpo_loss(win, lose, rw, rl, loss_type="ipo")
     with pytest.raises(ValueError, match="pass rejected_lengths"):
-        dpo_loss(w, l, rw, rl, loss_type="sigmoid_norm", chosen_lengths=torch.ones(6))
+        dpo_loss(win, lose, rw, rl, loss_type="sigmoid_norm", chosen_lengths=torch.ones(6))
     with pytest.raises(ValueError, match="chosen_lengths has shape"):
-        dpo_loss(w, l, rw, rl, loss_type="ipo", chosen_lengths=torch.ones(3), rejected_lengths=torch.ones(6))
+        dpo_loss(win, lose, rw, rl, loss_type="ipo", chosen_lengths=torch.ones(3), rejected_lengths=torch.ones(6))
     with pytest.raises(ValueError, match="non-finite"):
-        dpo_loss(w, l, rw, torch.full((6,), float("nan"), dtype=torch.float64))
+        dpo_loss(win, lose, rw, torch.full((6,), float("nan"), dtype=torch.float64))
     with pytest.raises(ValueError, match="floating-point"):
-        dpo_loss(w.long(), l, rw, rl)
+        dpo_loss(win.long(), lose, rw, rl)
     with pytest.raises(ValueError, match="only defined for loss types built on the score"):
-        dpo_loss(w, l, rw, rl, loss_type="bco_pair", f_divergence_type="forward_kl")
+        dpo_loss(win, lose, rw, rl, loss_type="bco_pair", f_divergence_type="forward_kl")
     with pytest.raises(ValueError, match="discopop_tau"):
-        dpo_loss(w, l, rw, rl, loss_type="discopop", discopop_tau=0.0)
+        dpo_loss(win, lose, rw, rl, loss_type="discopop", discopop_tau=0.0)
 
 
 @pytest.mark.parametrize(

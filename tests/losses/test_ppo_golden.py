@@ -53,3 +53,24 @@ def test_kl_controllers_match_trl():
     fixed = FixedKLController(CLASSIC["kl_controllers"]["fixed"]["kl_coef"])
     fixed.update(100.0, 256)
     assert fixed.value == CLASSIC["kl_controllers"]["fixed"]["value_after_update"]
+
+
+# --- TRL 0.25.1: k1/k3 estimators and missing_eos_penalty, inline in its train() loop -----------
+
+from helpers.ppo_golden import LATER, later_run  # noqa: E402
+
+
+@pytest.mark.parametrize("run", LATER["runs"], ids=lambda r: r["kl_estimator"])
+def test_kl_estimators_and_missing_eos_penalty_match_trl_0_25(run):
+    r = later_run(run)
+    contains_eos = r.theirs["contain_eos_token"]
+    assert bool(contains_eos.any()) and not bool(contains_eos.all()), "the golden batch must mix both cases"
+    close = {"rtol": 2e-5, "atol": 1e-6}  # TRL computed these in float32
+    m = r.response_mask
+    torch.testing.assert_close(r.ours["kl"][m], r.theirs["kl"][m], **close)
+    torch.testing.assert_close(r.ours["non_score_reward"][m], r.theirs["non_score_reward"][m], **close)
+    torch.testing.assert_close(r.ours["scores"], r.theirs["scores"], **close)
+    e = r.episode_mask
+    torch.testing.assert_close(r.ours["advantages_unwhitened"][e], r.theirs["advantages_unwhitened"][e], **close)
+    torch.testing.assert_close(r.ours["returns"][e], r.theirs["returns"][e], **close)
+    torch.testing.assert_close(r.ours["advantages"][m], r.theirs["advantages"][m], **close)

@@ -18,15 +18,15 @@ def test_by_hand():
 
 @given(st.floats(-30, 30), st.floats(-30, 30), st.floats(0, 5))
 def test_a_margin_raises_the_loss(r_w, r_l, m):
-    w, l = torch.tensor([r_w], dtype=torch.float64), torch.tensor([r_l], dtype=torch.float64)
-    assert reward_ranking_loss(w, l, margin=m).losses.item() >= reward_ranking_loss(w, l).losses.item()
+    win, lose = torch.tensor([r_w], dtype=torch.float64), torch.tensor([r_l], dtype=torch.float64)
+    assert reward_ranking_loss(win, lose, margin=m).losses.item() >= reward_ranking_loss(win, lose).losses.item()
 
 
 @given(st.floats(-30, 30), st.floats(-30, 30))
 def test_loss_depends_on_the_difference_only_without_centering(r_w, r_l):
-    w, l = torch.tensor([r_w], dtype=torch.float64), torch.tensor([r_l], dtype=torch.float64)
-    shifted = reward_ranking_loss(w + 7.0, l + 7.0).losses
-    torch.testing.assert_close(shifted, reward_ranking_loss(w, l).losses)
+    win, lose = torch.tensor([r_w], dtype=torch.float64), torch.tensor([r_l], dtype=torch.float64)
+    shifted = reward_ranking_loss(win + 7.0, lose + 7.0).losses
+    torch.testing.assert_close(shifted, reward_ranking_loss(win, lose).losses)
 
 
 def test_gradcheck_float64():
@@ -38,10 +38,10 @@ def test_gradcheck_float64():
 
 
 def test_errors():
-    w, l = torch.randn(4), torch.randn(4)
+    win, lose = torch.randn(4), torch.randn(4)
     with pytest.raises(ValueError, match="margin must be a number or have shape \\(4,\\)"):
-        reward_ranking_loss(w, l, margin=torch.ones(3))
+        reward_ranking_loss(win, lose, margin=torch.ones(3))
     with pytest.raises(ValueError, match="center_rewards_coefficient"):
-        reward_ranking_loss(w, l, center_rewards_coefficient=-0.1)
+        reward_ranking_loss(win, lose, center_rewards_coefficient=-0.1)
     with pytest.raises(ValueError, match="chosen_rewards must have shape \\(B,\\)"):
-        reward_ranking_loss(w.unsqueeze(-1), l)
+        reward_ranking_loss(win.unsqueeze(-1), lose)
