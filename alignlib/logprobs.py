@@ -12,26 +12,42 @@ input_ids, as Hugging Face models take them) and reduces over the sequence.
 
 Results are float32 (float64 for float64 logits) whatever the logits' dtype: a
 sum of hundreds of bf16 log-probs would lose the digits DPO's log-ratios need.
-This module is the torch reference; the fused Triton kernels (alignlib.kernels)
-plug in behind the same functions.
+
+Backends: the Triton kernel (alignlib.kernels.logprobs) runs on CUDA tensors and
+the torch reference of the same math elsewhere. One switch forces either: the
+`backend` argument, or the environment variable ALIGNLIB_LOGPROBS_BACKEND
+("auto", "triton" or "torch"; default "auto").
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from alignlib.kernels.reference import token_logprobs_torch as _token_logprobs_torch
+
+try:  # triton is a Linux-only dependency
+    from alignlib.kernels.logprobs import token_logprobs as _token_logprobs_triton
+    from alignlib.kernels.logprobs import triton_available_for
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    _token_logprobs_triton = None
+
 IGNORE_INDEX = -100
-# Rows of logits upcast to float32 at a time, so bf16 logits are never copied whole.
-_ROWS_PER_CHUNK = 1024
+BACKENDS = ("auto", "triton", "torch")
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def token_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, *, backend: str | None = None
+) -> torch.Tensor:
     r"""log softmax(logits)[label] for every position, 0 where label == ignore_index.
 
     Args:
         logits: (..., V) unnormalised scores, any float dtype.
         labels: (...) token ids in [0, V), or ignore_index. No shift is applied.
         ignore_index: label value that marks a position to skip (gives 0, no gradient).
+        backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"; None
+            reads ALIGNLIB_LOGPROBS_BACKEND.
 
     Returns:
         (...) log-probs in float32 (float64 for float64 logits).
@@ -46,25 +62,26 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integer token ids, got dtype {labels.dtype}")
     vocab = logits.shape[-1]
-    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-    flat_logits = logits.reshape(-1, vocab)
-    flat_labels = labels.reshape(-1)
-    valid = flat_labels != ignore_index
-    if bool(((flat_labels[valid] < 0) | (flat_labels[valid] >= vocab)).any()):
-        bad = flat_labels[valid & ((flat_labels < 0) | (flat_labels >= vocab))][:4].tolist()
+    valid = labels != ignore_index
+    if bool(((labels[valid] < 0) | (labels[valid] >= vocab)).any()):
+        bad = labels[valid & ((labels < 0) | (labels >= vocab))][:4].tolist()
         raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; got e.g. {bad}")
+    if _use_triton(logits, backend):
+        return _token_logprobs_triton(logits, labels, ignore_index)
+    return _token_logprobs_torch(logits, labels, ignore_index)
 
-    safe_labels = torch.where(valid, flat_labels, 0)
-    label_logits = flat_logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1).to(out_dtype)
-    if flat_logits.dtype == out_dtype:
-        log_normalizer = torch.logsumexp(flat_logits, dim=-1)
-    else:  # upcast a block of rows at a time
-        log_normalizer = torch.cat(
-            [torch.logsumexp(rows.to(out_dtype), dim=-1) for rows in flat_logits.split(_ROWS_PER_CHUNK)]
-        ) if flat_logits.shape[0] else flat_logits.new_zeros(0, dtype=out_dtype)
-    logps = torch.where(valid, label_logits - log_normalizer, 0.0)
-    return logps.reshape(labels.shape)
+
+def _use_triton(logits: torch.Tensor, backend: str | None) -> bool:
+    backend = backend or os.environ.get("ALIGNLIB_LOGPROBS_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if _token_logprobs_triton is None:
+            raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+        return True  # the kernel raises a clear error where it cannot run
+    return _token_logprobs_triton is not None and logits.is_cuda and triton_available_for(logits)
 
 
 def sequence_logprobs(
@@ -73,6 +90,7 @@ def sequence_logprobs(
     *,
     average: bool = False,
     ignore_index: int = IGNORE_INDEX,
+    backend: str | None = None,
 ) -> torch.Tensor:
     r"""Per-sequence log-prob of the labelled tokens: sum (or mean) over t of log p(labels[t+1] | ..t).
 
@@ -91,7 +109,7 @@ def sequence_logprobs(
             f"expected logits (B, T, V) and labels (B, T); got logits {tuple(logits.shape)}, labels {tuple(labels.shape)}"
         )
     shifted_labels = labels[:, 1:]
-    per_token = token_logprobs(logits[:, :-1], shifted_labels, ignore_index)
+    per_token = token_logprobs(logits[:, :-1], shifted_labels, ignore_index, backend=backend)
     total = per_token.sum(dim=-1)
     if not average:
         return total

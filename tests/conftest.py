@@ -1,6 +1,14 @@
-"""Shared pytest set-up: hypothesis profiles sized for a 2-core CI machine."""
+"""Shared pytest set-up: the Triton interpreter on GPU-less machines, and hypothesis profiles
+sized for a 2-core CI machine."""
 
 import os
+import shutil
+
+# Triton reads TRITON_INTERPRET when it is imported, so this must run before anything
+# imports triton (alignlib.logprobs does). Without a GPU, the kernels then run on the CPU
+# through the interpreter; on a GPU machine they compile as usual.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hypothesis import HealthCheck, settings
 

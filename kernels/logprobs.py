@@ -1,0 +1,151 @@
+r"""Per-token log-probs, log softmax(x)[y], as a Triton kernel beside its torch reference.
+
+For a row of logits x (V,) and its label y:
+
+    lse    = log sum_v exp(x_v)            (online: one pass, running max m and sum s)
+    logp   = x_y - lse
+    dlogp/dx_v = [v == y] - exp(x_v - lse) = onehot - softmax
+
+Forward reads each row once in blocks of BLOCK_V, keeping only the running max m and
+the rescaled sum s in registers: s <- s * exp(m_old - m_new) + sum exp(x - m_new). Nothing
+V-sized is written but the (N,) outputs and the (N,) logsumexp saved for backward.
+Backward recomputes softmax block by block from the saved logsumexp and writes
+g * (onehot - softmax) straight into the gradient buffer (the only V-sized allocation).
+Rows whose label is ignore_index skip the vocabulary pass entirely (prompt tokens
+are often half of a preference batch): their log-prob and gradient are 0.
+
+Accumulation is float32 for fp32, bf16 and fp16 logits. float64 logits take the torch
+reference (`reference.token_logprobs_torch`, the same math in torch), which is also what
+alignlib.logprobs runs on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import token_logprobs_torch
+
+# Widest block of the vocabulary one program loads at a time.
+MAX_BLOCK_V = 4096
+
+
+@triton.jit
+def _token_logprobs_fwd(
+    logits_ptr, labels_ptr, out_ptr, lse_ptr,
+    row_stride, V, ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    row_start = logits_ptr + row * row_stride
+    logp = 0.0
+    lse = 0.0
+    if label != ignore_index:
+        m = float("-inf")  # running max
+        s = 0.0  # running sum of exp(x - m)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x = tl.load(row_start + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
+        lse = m + tl.log(s)
+        logp = tl.load(row_start + label).to(tl.float32) - lse
+    tl.store(out_ptr + row, logp)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _token_logprobs_bwd(
+    grad_out_ptr, logits_ptr, labels_ptr, lse_ptr, grad_logits_ptr,
+    row_stride, grad_row_stride, V, ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    g = tl.load(grad_out_ptr + row).to(tl.float32)
+    g = tl.where(label != ignore_index, g, 0.0)
+    lse = tl.load(lse_ptr + row)
+    row_start = logits_ptr + row * row_stride
+    grad_row_start = grad_logits_ptr + row * grad_row_stride
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols < V
+        x = tl.load(row_start + cols, mask=in_row, other=0.0).to(tl.float32)
+        softmax = tl.exp(x - lse)
+        onehot = tl.where(cols == label, 1.0, 0.0)
+        grad = g * (onehot - softmax)
+        tl.store(grad_row_start + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
+
+
+def _block_size(vocab: int) -> int:
+    return min(triton.next_power_of_2(max(vocab, 1)), MAX_BLOCK_V)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        rows, vocab = logits.shape
+        out = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        if rows:
+            _token_logprobs_fwd[(rows,)](
+                logits, labels, out, lse, logits.stride(0), vocab, ignore_index, BLOCK_V=_block_size(vocab)
+            )
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.ignore_index = ignore_index
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, labels, lse = ctx.saved_tensors
+        rows, vocab = logits.shape
+        grad_logits = torch.empty_like(logits)
+        if rows:
+            _token_logprobs_bwd[(rows,)](
+                grad_out.contiguous(), logits, labels, lse, grad_logits,
+                logits.stride(0), grad_logits.stride(0), vocab, ctx.ignore_index, BLOCK_V=_block_size(vocab),
+            )
+        return grad_logits, None, None
+
+
+def triton_available_for(tensor: torch.Tensor) -> bool:
+    """True when the Triton kernels can run on this tensor's device: CUDA, or CPU under TRITON_INTERPRET=1."""
+    return tensor.is_cuda or (tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """log softmax(logits)[labels] through the Triton kernel; 0 where labels == ignore_index.
+
+    Args:
+        logits: (..., V) fp32, bf16 or fp16 (float64 goes to the torch reference).
+        labels: (...) integer ids in [0, V) or ignore_index. No shift.
+    Returns:
+        (...) float32 log-probs, differentiable with respect to logits.
+    Raises:
+        RuntimeError on a CPU tensor unless TRITON_INTERPRET=1 was set before triton was imported.
+        ValueError on shapes that disagree or labels outside [0, V).
+    """
+    if logits.dim() < 1 or logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits (..., V) and labels (...) disagree: {tuple(logits.shape)} vs {tuple(labels.shape)}")
+    vocab = logits.shape[-1]
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; got {labels[bad][:4].tolist()}")
+    if logits.dtype == torch.float64:
+        return token_logprobs_torch(logits, labels, ignore_index)
+    if not triton_available_for(logits):
+        raise RuntimeError(
+            "alignlib.kernels.token_logprobs runs Triton kernels: give it CUDA tensors, or set TRITON_INTERPRET=1 "
+            "before triton is imported to run them on the CPU (slowly); alignlib.logprobs picks the torch reference "
+            "on CPU for you"
+        )
+    flat_logits = logits.reshape(-1, vocab)
+    if flat_logits.stride(-1) != 1:
+        flat_logits = flat_logits.contiguous()
+    flat_labels = labels.reshape(-1).contiguous()
+    return _TokenLogprobs.apply(flat_logits, flat_labels, ignore_index).reshape(labels.shape)
