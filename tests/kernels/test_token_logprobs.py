@@ -6,13 +6,13 @@ sets TRITON_INTERPRET=1 before triton is imported), at small sizes.
 
 import os
 
+import alignlib.kernels.logprobs as kernel_module
 import pytest
 import torch
+from alignlib.kernels import token_logprobs, token_logprobs_torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import alignlib.kernels.logprobs as kernel_module
-from alignlib.kernels import token_logprobs, token_logprobs_torch
 from alignlib.logprobs import sequence_logprobs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
