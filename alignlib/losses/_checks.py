@@ -11,6 +11,10 @@ import math
 
 import torch
 
+# exp() arguments above these overflow (float32: e^88.7; float64: e^709.8). Losses clamp
+# there, so a score that would be inf stays finite (with zero gradient past the clamp).
+EXP_MAX = {torch.float32: 80.0, torch.float64: 700.0}
+
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32 (bf16/fp16 inputs are upcast)."""

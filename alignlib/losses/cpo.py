@@ -27,10 +27,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_batch, check_choice, check_positive
+from ._checks import EXP_MAX, check_batch, check_choice, check_positive
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
-_EXP_MAX = {torch.float32: 80.0, torch.float64: 700.0}
 
 
 class CPOLossOutput(NamedTuple):
@@ -150,7 +149,7 @@ def _rewards(
         return logp_w, logp_l, dtype
     # AlphaPO: r = (1 - P^-alpha) / alpha = -expm1(-alpha log P) / alpha, which keeps
     # its digits as log P -> 0 (where 1 - P^-alpha cancels).
-    cap = _EXP_MAX[dtype]
+    cap = EXP_MAX[dtype]
     r_w = -torch.expm1((-alpha * logp_w).clamp(max=cap)) / alpha
     r_l = -torch.expm1((-alpha * logp_l).clamp(max=cap)) / alpha
     return r_w, r_l, dtype

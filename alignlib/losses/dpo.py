@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_batch, check_choice, check_lengths, check_positive
+from ._checks import EXP_MAX, check_batch, check_choice, check_lengths, check_positive
 
 DPO_LOSS_TYPES = (
     "sigmoid",
@@ -57,9 +57,6 @@ _LABEL_SMOOTHING_RANGES = {
     "aot_unpaired": (0.0, 0.5, "[0, 0.5)"),
     "exo_pair": (0.0, 0.5, "(0, 0.5)"),
 }
-# exp() arguments above this overflow (float32: e^88.7; float64: e^709.8). exp is
-# clamped there, so a score that would be inf stays finite and its gradient is 0.
-_EXP_MAX = {torch.float32: 80.0, torch.float64: 700.0}
 
 
 class DPOLossOutput(NamedTuple):
@@ -234,13 +231,13 @@ def _f_divergence_score(u: torch.Tensor, f_divergence_type: str, alpha: float) -
     if f_divergence_type == "reverse_kl":  # f(t) = t log t
         return u
     if f_divergence_type == "forward_kl":  # f(t) = -log t
-        return 1 - torch.exp((-u).clamp(max=_EXP_MAX[u.dtype]))
+        return 1 - torch.exp((-u).clamp(max=EXP_MAX[u.dtype]))
     if f_divergence_type == "js_divergence":  # f'(t) = log(2t / (1 + t))
         return math.log(2) + F.logsigmoid(u)
     # alpha_divergence, f'(t) = (t^(alpha-1) - 1) / (alpha - 1); alpha -> 1 is log t.
     if abs(alpha - 1.0) < 1e-6:
         return u
-    t = ((alpha - 1.0) * u).clamp(max=_EXP_MAX[u.dtype])
+    t = ((alpha - 1.0) * u).clamp(max=EXP_MAX[u.dtype])
     return (torch.exp(t) - 1.0) / (alpha - 1.0)
 
 
