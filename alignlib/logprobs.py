@@ -25,13 +25,15 @@ import os
 
 import torch
 
+from alignlib.kernels.reference import linear_token_logprobs_torch as _linear_token_logprobs_torch
 from alignlib.kernels.reference import token_logprobs_torch as _token_logprobs_torch
 
 try:  # triton is a Linux-only dependency
+    from alignlib.kernels.logprobs import linear_token_logprobs as _linear_token_logprobs_triton
     from alignlib.kernels.logprobs import token_logprobs as _token_logprobs_triton
     from alignlib.kernels.logprobs import triton_available_for
 except ImportError:  # pragma: no cover - exercised only where triton is absent
-    _token_logprobs_triton = None
+    _token_logprobs_triton = _linear_token_logprobs_triton = None
 
 IGNORE_INDEX = -100
 BACKENDS = ("auto", "triton", "torch")
@@ -84,6 +86,42 @@ def _use_triton(logits: torch.Tensor, backend: str | None) -> bool:
     return _token_logprobs_triton is not None and logits.is_cuda and triton_available_for(logits)
 
 
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    *,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    r"""log softmax(hidden @ lm_head_weight^T)[label] per position, without the full logits.
+
+    The lm_head matmul and the log-softmax run together in chunks of tokens, so at most
+    (chunk_size x V) logits exist at once (alignlib.kernels.logprobs explains the memory).
+    Positions labelled ignore_index give 0 and skip the matmul.
+
+    Args:
+        hidden: (..., H) the model's last hidden states (after the final norm).
+        lm_head_weight: (V, H) the output embedding, same dtype as hidden; frozen or trainable.
+        labels: (...) token ids in [0, V), or ignore_index. No shift is applied.
+        chunk_size: tokens per chunk; None picks one whose logits are about the size of hidden.
+        backend: as for `token_logprobs`.
+
+    Returns:
+        (...) log-probs in float32 (float64 for float64 inputs).
+    """
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+        raise ValueError(f"hidden must be a floating-point tensor, got {getattr(hidden, 'dtype', type(hidden))}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer token ids, got dtype {labels.dtype}")
+    if _use_triton(hidden, backend):
+        return _linear_token_logprobs_triton(
+            hidden, lm_head_weight, labels, ignore_index=ignore_index, chunk_size=chunk_size
+        )
+    return _linear_token_logprobs_torch(hidden, lm_head_weight, labels, ignore_index=ignore_index, chunk_size=chunk_size)
+
+
 def sequence_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -110,6 +148,36 @@ def sequence_logprobs(
         )
     shifted_labels = labels[:, 1:]
     per_token = token_logprobs(logits[:, :-1], shifted_labels, ignore_index, backend=backend)
+    total = per_token.sum(dim=-1)
+    if not average:
+        return total
+    counts = (shifted_labels != ignore_index).sum(dim=-1)
+    return total / counts.clamp(min=1).to(total.dtype)
+
+
+def sequence_logprobs_from_hidden(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    average: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    r"""`sequence_logprobs` from the last hidden states (B, T, H) and the lm_head weight (V, H).
+
+    Same shift and reduction as `sequence_logprobs`, through `linear_token_logprobs`, so
+    the (B, T, V) logits are never built. Returns (B,) float32 (float64 for float64 inputs).
+    """
+    if hidden.dim() != 3 or labels.dim() != 2 or hidden.shape[:2] != labels.shape:
+        raise ValueError(
+            f"expected hidden (B, T, H) and labels (B, T); got hidden {tuple(hidden.shape)}, labels {tuple(labels.shape)}"
+        )
+    shifted_labels = labels[:, 1:]
+    per_token = linear_token_logprobs(
+        hidden[:, :-1], lm_head_weight, shifted_labels, ignore_index, chunk_size=chunk_size, backend=backend
+    )
     total = per_token.sum(dim=-1)
     if not average:
         return total

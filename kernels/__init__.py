@@ -7,15 +7,18 @@ Each kernel sits beside a torch reference of the same math (`reference.py`):
 
 The kernels run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was set
 before triton was imported (how the tests check them without a GPU). alignlib.logprobs
-picks them on CUDA and the torch reference elsewhere. Still to come (kernels issue):
-linear_token_logprobs (fused lm_head) and lora_linear.
+picks them on CUDA and the torch reference elsewhere.
+
+- linear_token_logprobs(hidden, lm_head_weight, labels, ignore_index=-100, chunk_size=None):
+  the same from the last hidden states and the lm_head weight, chunked over tokens so the
+  (tokens x V) logits never exist in full; float32 weight-gradient accumulation.
 """
 
-from .reference import token_logprobs_torch
+from .reference import linear_token_logprobs_torch, token_logprobs_torch
 
 try:  # triton is a Linux-only dependency; the references work without it
-    from .logprobs import token_logprobs
+    from .logprobs import linear_token_logprobs, token_logprobs
 except ImportError:  # pragma: no cover
-    token_logprobs = None
+    token_logprobs = linear_token_logprobs = None
 
-__all__ = ["token_logprobs", "token_logprobs_torch"]
+__all__ = ["linear_token_logprobs", "linear_token_logprobs_torch", "token_logprobs", "token_logprobs_torch"]

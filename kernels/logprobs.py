@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import token_logprobs_torch
+from .reference import RowOps, chunked_linear_token_logprobs, token_logprobs_torch
 
 # Widest block of the vocabulary one program loads at a time.
 MAX_BLOCK_V = 4096
@@ -113,6 +113,33 @@ class _TokenLogprobs(torch.autograd.Function):
         return grad_logits, None, None
 
 
+class TritonRowOps:
+    """RowOps (see reference.py) through the kernels above, for the chunked linear loop.
+
+    grad_into passes the chunk's logits as both input and output of the backward kernel:
+    each program reads a block of logits before it writes that block's gradient, so the
+    gradient overwrites the logits in place and the chunk needs no second buffer.
+    """
+
+    @staticmethod
+    def forward(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, vocab = logits.shape
+        logp = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        if rows:
+            _token_logprobs_fwd[(rows,)](logits, labels, logp, lse, logits.stride(0), vocab, -100, BLOCK_V=_block_size(vocab))
+        return logp, lse
+
+    @staticmethod
+    def grad_into(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor) -> None:
+        rows, vocab = logits.shape
+        if rows:
+            _token_logprobs_bwd[(rows,)](
+                g.contiguous(), logits, labels, lse, logits,
+                logits.stride(0), logits.stride(0), vocab, -100, BLOCK_V=_block_size(vocab),
+            )
+
+
 def triton_available_for(tensor: torch.Tensor) -> bool:
     """True when the Triton kernels can run on this tensor's device: CUDA, or CPU under TRITON_INTERPRET=1."""
     return tensor.is_cuda or (tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
@@ -149,3 +176,39 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
         flat_logits = flat_logits.contiguous()
     flat_labels = labels.reshape(-1).contiguous()
     return _TokenLogprobs.apply(flat_logits, flat_labels, ignore_index).reshape(labels.shape)
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """log softmax(hidden @ lm_head_weight^T)[labels], chunked over tokens, through the Triton kernels.
+
+    The (tokens x V) logits never exist in full: at most `chunk_size` tokens' logits at a
+    time (default: `reference.default_chunk_size`, about the size of `hidden`). Tokens whose
+    label is ignore_index are dropped before the matmul and get 0.
+
+    Args:
+        hidden: (..., H) last hidden states, fp32, bf16 or fp16 (float64 runs the torch reference).
+        lm_head_weight: (V, H), same dtype. If it does not require grad (frozen, as with LoRA),
+            the forward pass also computes d logp / d hidden and backward is a multiply.
+        labels: (...) ids in [0, V) or ignore_index. No shift.
+    Returns:
+        (...) float32 log-probs, differentiable with respect to hidden and lm_head_weight (the
+        weight gradient accumulated in float32 across chunks, returned in the weight's dtype).
+    """
+    if hidden.dtype == torch.float64:
+        row_ops = RowOps
+    elif not triton_available_for(hidden):
+        raise RuntimeError(
+            "alignlib.kernels.linear_token_logprobs runs Triton kernels: give it CUDA tensors, or set "
+            "TRITON_INTERPRET=1 before triton is imported to run them on the CPU (slowly); "
+            "alignlib.kernels.linear_token_logprobs_torch is the same chunked algorithm in torch"
+        )
+    else:
+        row_ops = TritonRowOps
+    return chunked_linear_token_logprobs(hidden, lm_head_weight, labels, ignore_index, chunk_size, row_ops)

@@ -28,3 +28,178 @@ def token_logprobs_torch(logits: torch.Tensor, labels: torch.Tensor, ignore_inde
     else:
         lse = torch.cat([torch.logsumexp(rows.to(out_dtype), dim=-1) for rows in flat_logits.split(1024)])
     return torch.where(valid, label_logits - lse, 0.0).reshape(labels.shape)
+
+
+# --- log-probs straight from hidden states: lm_head and log-softmax, chunked over tokens ---
+#
+# For hidden states h (N, H), the lm_head weight W (V, H) and labels y (N,):
+#
+#     z_i    = W h_i                              (V,)  the logits of token i
+#     logp_i = z_{i, y_i} - logsumexp(z_i)
+#     d logp_i / d h_i = (e_{y_i} - softmax(z_i))^T W          (H,)
+#     d sum_i g_i logp_i / d W = sum_i g_i (e_{y_i} - softmax(z_i)) h_i^T   (V, H)
+#
+# Tokens are processed `chunk_size` at a time, so at most a (chunk, V) block of logits
+# exists at once: memory O(chunk x V) instead of O(N x V). Only the per-token logsumexp
+# (N,) is kept for backward, which recomputes each chunk's logits. When W is frozen (the
+# LoRA case), the forward pass already knows d logp_i / d h_i up to the factor g_i, so it
+# stores that (N, H) direction instead and backward is one multiply: two matmuls in total,
+# as many as the unfused path. The weight gradient is accumulated in float32 across chunks.
+#
+# The loop is shared by the torch reference and the Triton kernel; they differ only in
+# the two row operations below (`RowOps`), which see one chunk of logits at a time.
+
+
+class RowOps:
+    """Row operations on a (C, V) chunk of logits, here in plain torch.
+
+    forward(logits, labels) -> (logp, lse): both (C,) float32.
+    grad_into(logits, labels, lse, g): overwrite logits with g * (onehot - softmax).
+    """
+
+    @staticmethod
+    def forward(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        lse = torch.logsumexp(logits.to(acc_dtype), dim=-1)
+        logp = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1).to(acc_dtype) - lse
+        return logp, lse
+
+    @staticmethod
+    def grad_into(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor) -> None:
+        grad = torch.exp(logits.to(lse.dtype) - lse.unsqueeze(-1)).mul_(-g.unsqueeze(-1))
+        grad.scatter_add_(-1, labels.unsqueeze(-1), g.to(grad.dtype).unsqueeze(-1))
+        logits.copy_(grad)
+
+
+def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> int:
+    """Tokens per chunk such that a chunk of logits is about as large as the hidden states.
+
+    chunk x V ~ N x H, rounded up to a power of two and kept in [256, 4096] so the matmuls
+    stay large enough to run efficiently.
+    """
+    tokens = max(1, -(-num_tokens * hidden_size // max(vocab_size, 1)))
+    return min(4096, max(256, 1 << (tokens - 1).bit_length()))
+
+
+def add_matmul_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with acc float32 (or float64), never rounding a @ b to a's dtype first.
+
+    Summing bf16-rounded products chunk after chunk biases the weight gradient (peers saw
+    training drift from it); on CUDA the matmul writes float32 directly, elsewhere the
+    operands are upcast (a chunk-sized copy).
+    """
+    if acc.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+class LinearTokenLogprobs(torch.autograd.Function):
+    """The chunked loop above as an autograd Function; `row_ops` picks torch or Triton."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size, row_ops):
+        # hidden (N, H), weight (V, H), labels (N,) all valid (ignored tokens removed by the caller).
+        num_tokens = hidden.shape[0]
+        acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        logp = hidden.new_empty(num_tokens, dtype=acc_dtype)
+        lse = hidden.new_empty(num_tokens, dtype=acc_dtype)
+        hidden_grad_only = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        direction = torch.empty_like(hidden) if hidden_grad_only else None
+        for start in range(0, num_tokens, chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = hidden[rows] @ weight.T  # (C, V)
+            logp[rows], lse[rows] = row_ops.forward(logits, labels[rows])
+            if hidden_grad_only:  # d logp / d h with g = 1, while the logits are at hand
+                row_ops.grad_into(logits, labels[rows], lse[rows], torch.ones_like(lse[rows]))
+                direction[rows] = logits @ weight
+        ctx.chunk_size, ctx.row_ops = chunk_size, row_ops
+        if hidden_grad_only:
+            ctx.save_for_backward(direction)
+        else:
+            ctx.save_for_backward(hidden, weight, labels, lse)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        if need_hidden and not need_weight:
+            (direction,) = ctx.saved_tensors
+            return (grad_logp.unsqueeze(-1) * direction).to(direction.dtype), None, None, None, None
+        hidden, weight, labels, lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if need_weight else None
+        grad_logp = grad_logp.to(lse.dtype)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            logits = hidden[rows] @ weight.T  # recomputed, then overwritten by its gradient
+            ctx.row_ops.grad_into(logits, labels[rows], lse[rows], grad_logp[rows])
+            if need_hidden:
+                grad_hidden[rows] = logits @ weight
+            if need_weight:
+                add_matmul_fp32(grad_weight, logits.T, hidden[rows])
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def linear_token_logprobs_torch(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """log softmax(hidden @ W^T)[labels] in chunks of tokens, in torch: 0 where labels == ignore_index.
+
+    hidden (..., H), lm_head_weight (V, H), labels (...) -> (...) float32 (float64 for float64 inputs).
+    """
+    return chunked_linear_token_logprobs(hidden, lm_head_weight, labels, ignore_index, chunk_size, RowOps)
+
+
+def chunked_linear_token_logprobs(hidden, lm_head_weight, labels, ignore_index, chunk_size, row_ops):
+    """Shared entry point: checks, drops ignored tokens, runs LinearTokenLogprobs, scatters back."""
+    if hidden.dim() < 1 or lm_head_weight.dim() != 2 or hidden.shape[-1] != lm_head_weight.shape[1]:
+        raise ValueError(
+            f"hidden (..., H) and lm_head_weight (V, H) disagree: {tuple(hidden.shape)} vs {tuple(lm_head_weight.shape)}"
+        )
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden (..., H) and labels (...) disagree: {tuple(hidden.shape)} vs {tuple(labels.shape)}")
+    if hidden.dtype != lm_head_weight.dtype:
+        raise ValueError(f"hidden is {hidden.dtype} but lm_head_weight is {lm_head_weight.dtype}; cast one of them")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    vocab, hidden_size = lm_head_weight.shape
+    flat_hidden = hidden.reshape(-1, hidden_size)
+    flat_labels = labels.reshape(-1)
+    valid = flat_labels != ignore_index
+    bad = valid & ((flat_labels < 0) | (flat_labels >= vocab))
+    if bool(bad.any()):
+        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; got {flat_labels[bad][:4].tolist()}")
+    keep = valid.nonzero().squeeze(-1)  # prompt and padding tokens never reach the lm_head
+    chunk = chunk_size or default_chunk_size(keep.numel(), hidden_size, vocab)
+    kept_logp = LinearTokenLogprobs.apply(flat_hidden[keep], lm_head_weight, flat_labels[keep], chunk, row_ops)
+    out_dtype = kept_logp.dtype
+    out = flat_hidden.new_zeros(flat_labels.shape[0], dtype=out_dtype).index_put((keep,), kept_logp)
+    return out.reshape(labels.shape)
+
+
+def lora_linear_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The torch reference of the fused LoRA linear: x W^T + scaling (x A^T) B^T (+ bias).
+
+    x (..., in), weight (out, in), lora_A (r, in), lora_B (out, r), bias (out,) or None;
+    returns (..., out). Computes in the inputs' dtype, op for op as peft's LoRA Linear
+    does, and differentiates whatever requires grad (the kernel keeps weight frozen).
+    """
+    return torch.nn.functional.linear(x, weight, bias) + torch.nn.functional.linear(
+        torch.nn.functional.linear(x, lora_A), lora_B
+    ) * scaling
