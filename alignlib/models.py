@@ -67,7 +67,8 @@ class ModelConfig:
     """
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Local directory of a causal LM (or a Hub id 'org/name' already downloaded)."}
+        default=None, metadata={"help": "Local directory of a causal LM (or a Hub id 'org/name' already downloaded).",
+                                "aliases": ["--model"]}
     )
     model_revision: str = field(
         default="main", metadata={"help": "Revision of a cached Hub model (ignored for local directories)."}

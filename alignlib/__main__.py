@@ -1,0 +1,5 @@
+import sys
+
+from alignlib.cli import main
+
+sys.exit(main())
