@@ -12,13 +12,24 @@ picks them on CUDA and the torch reference elsewhere.
 - linear_token_logprobs(hidden, lm_head_weight, labels, ignore_index=-100, chunk_size=None):
   the same from the last hidden states and the lm_head weight, chunked over tokens so the
   (tokens x V) logits never exist in full; float32 weight-gradient accumulation.
+- lora_linear(x, weight, lora_A, lora_B, scaling, bias=None): x W^T + s (x A^T) B^T as one
+  GEMM over an extended K (W frozen; dX, dA, dB in backward); W may be a bitsandbytes NF4/FP4
+  Params4bit, dequantised tile by tile inside the kernel.
 """
 
-from .reference import linear_token_logprobs_torch, token_logprobs_torch
+from .reference import linear_token_logprobs_torch, lora_linear_torch, token_logprobs_torch
 
 try:  # triton is a Linux-only dependency; the references work without it
     from .logprobs import linear_token_logprobs, token_logprobs
+    from .lora import lora_linear
 except ImportError:  # pragma: no cover
-    token_logprobs = linear_token_logprobs = None
+    token_logprobs = linear_token_logprobs = lora_linear = None
 
-__all__ = ["linear_token_logprobs", "linear_token_logprobs_torch", "token_logprobs", "token_logprobs_torch"]
+__all__ = [
+    "linear_token_logprobs",
+    "linear_token_logprobs_torch",
+    "lora_linear",
+    "lora_linear_torch",
+    "token_logprobs",
+    "token_logprobs_torch",
+]
