@@ -36,6 +36,10 @@ from pathlib import Path
 import torch
 
 
+class NotAvailable(RuntimeError):
+    """Raised by an implementation that cannot run here (no GPU, package not installed)."""
+
+
 @dataclass
 class Row:
     """One measured case: which implementation, on what sizes, how fast, how much memory."""
@@ -150,7 +154,11 @@ def measure(
     try:
         median, p20, p80 = time_call(fn, device, warmup=warmup, repeats=repeats)
         peak = peak_memory_mib(fn, device) if memory else None
-    except Exception as error:  # a peer that does not run here is reported, not fatal
+    except NotAvailable as error:
+        return Row(case, impl, mode, note=f"not run: {error}")
+    except ImportError as error:
+        return Row(case, impl, mode, note=f"not run: {error}")
+    except Exception as error:  # a peer that breaks here is reported, not fatal
         return Row(case, impl, mode, note=f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
     finally:
         if device == "cuda":

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Row, measure
+from benchmarks.harness import NotAvailable, Row, measure
 
 BASELINE = "eager log_softmax+gather"
 MODES = ("forward", "fwd+bwd, W frozen", "fwd+bwd, W trainable")
@@ -62,7 +62,7 @@ def torch_linear_cross_entropy(hidden, weight, labels):
 
 def liger_fused_linear(hidden, weight, labels):
     if not hidden.is_cuda:
-        raise RuntimeError("Liger's Triton kernels need CUDA")
+        raise NotAvailable("Liger's Triton kernels need CUDA")
     from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
     loss = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, labels, None, None, -100, 0.0, 0.0, "none")
@@ -71,7 +71,7 @@ def liger_fused_linear(hidden, weight, labels):
 
 def cut_cross_entropy(hidden, weight, labels):
     if not hidden.is_cuda:
-        raise RuntimeError("cut-cross-entropy's kernels need CUDA")
+        raise NotAvailable("cut-cross-entropy's kernels need CUDA")
     from cut_cross_entropy import linear_cross_entropy
 
     return -linear_cross_entropy(hidden, weight, labels, reduction="none")
