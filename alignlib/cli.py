@@ -188,10 +188,22 @@ def _report(objective: str, result, demo: bool, model_cfg) -> None:
 
 
 def ppo_command(args: list[str]) -> int:
+    """`alignlib train ppo`: alignlib.rl.train_ppo over (PPOConfig, ModelConfig) flags."""
     from alignlib import rl
     from alignlib.models import ModelConfig
 
-    return rl.ppo_command(args, parse_config, ModelConfig)
+    given = {a.split("=")[0] for a in args if a.startswith("--")}
+    demo = not given & {"--model", "--model_name_or_path"}
+    # The embedded default: the demo's settings become the flags' defaults, so any flag given wins.
+    demo_defaults = {**rl.DEMO_OVERRIDES, "demo_defaults": False, "output_dir": "alignlib-demo-ppo"} if demo else None
+    cfg, model_cfg = parse_config((rl.PPOConfig, ModelConfig), args, prog="alignlib train ppo",
+                                  demo_defaults=demo_defaults)
+    stats = rl.train_ppo(cfg, model_cfg)
+    print(f"\ntrained {cfg.max_steps} PPO steps; model saved in {Path(cfg.output_dir) / 'final'}")
+    print(f"held-out mean reward: {stats['eval/reward_before']:.3f} -> {stats['eval/reward_after']:.3f} "
+          f"on {stats['eval/num_prompts']} prompts; KL to the reference {stats['eval/kl_after']:.2f} nats")
+    print(f"metrics: {Path(cfg.output_dir) / 'metrics.jsonl'}")
+    return 0
 
 
 def complete(model_path: str, prompt: str, *, max_new_tokens: int = 24, temperature: float = 0.0,

@@ -209,7 +209,8 @@ def pairwise_terms(objective: str, cfg: TrainConfig, model: torch.nn.Module, bat
     """The objective's per-pair losses for one micro-batch of B pairs (rows: B chosen, then B rejected)."""
     pairs = batch["input_ids"].shape[0] // 2
     if objective == "reward":
-        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
+        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        scores = scores if scores.dtype == torch.float64 else scores.float()  # bf16/fp16 scores upcast
         out = reward_ranking_loss(scores[:pairs], scores[pairs:], margin=batch.get("margin"),
                                   center_rewards_coefficient=cfg.center_rewards_coefficient)
         return BatchTerms(out.losses.sum(), scores.new_zeros(()), 0, _reward_metric_sums(out), pairs, _ties(out))
