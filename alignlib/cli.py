@@ -81,7 +81,7 @@ def parse_config(dataclass_types: tuple, args: list[str], *, prog: str, demo_def
     """HfArgumentParser over the dataclasses, with --config FILE.yaml as defaults under the flags."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(dataclass_types, prog=prog)
+    parser = _one_line_errors(HfArgumentParser(dataclass_types, prog=prog))
     parser.add_argument("--config", type=Path, default=None, help="YAML file of settings (flags override it).")
     known = {action.dest for action in parser._actions}
     config_path = _config_path(args)
@@ -97,6 +97,16 @@ def parse_config(dataclass_types: tuple, args: list[str], *, prog: str, demo_def
         names = {f.name for f in __import__("dataclasses").fields(dataclass_type) if f.init}
         objects.append(dataclass_type(**{k: v for k, v in values.items() if k in names}))
     return objects
+
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Report a parse error in one line: argparse would first print the whole usage (~60 lines here)."""
+
+    def error(message: str):
+        parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
+
+    parser.error = error
+    return parser
 
 
 def _config_path(args: list[str]) -> Path | None:

@@ -126,7 +126,9 @@ def _holds_lists(dataset: Dataset, column: str) -> bool:
     if isinstance(feature, datasets.Value):
         return False
     head = dataset.select(range(min(len(dataset), 100)))[column]  # e.g. a Json column of mixed values
-    return any(isinstance(value, list) for value in head)
+    # The first value decides; a row of the other kind then gets its own error, naming that row.
+    first = next((value for value in head if value is not None), None)
+    return isinstance(first, list)
 
 
 def _detect_format(dataset: Dataset, known: dict[str, tuple[str, ...]]) -> str:

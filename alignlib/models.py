@@ -277,7 +277,7 @@ def _load(auto_class: Any, path: str, cfg: ModelConfig, **kwargs: Any) -> Any:
 
 
 def load_tokenizer(path: str | os.PathLike, *, padding_side: str | None = None,
-                   trust_remote_code: bool = False, revision: str = "main") -> Any:
+                   trust_remote_code: bool = False, revision: str = "main", what: str = "tokenizer") -> Any:
     """AutoTokenizer from `path`, with a pad token.
 
     A tokenizer without a pad token gets its eos token as pad (the common choice for causal
@@ -288,7 +288,7 @@ def load_tokenizer(path: str | os.PathLike, *, padding_side: str | None = None,
     """
     from transformers import AutoTokenizer
 
-    path = _local_dir(path, "tokenizer", revision=revision, need_config=False)
+    path = _local_dir(path, what, revision=revision, need_config=False)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -567,9 +567,21 @@ def save_model(model: Any, tokenizer: Any, output_dir: str | os.PathLike, *, mer
             _merged_copy(model, tmp).save_pretrained(tmp)
         else:
             model.save_pretrained(tmp)
+            if is_peft and _is_quantized(model.get_base_model()):
+                (tmp / BASE_QUANTIZATION_FILE).write_text(json.dumps(_quantization_dict(model.get_base_model())))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return output_dir
+
+
+# Saved beside an adapter trained over a quantised base, so it is reloaded over the same base.
+BASE_QUANTIZATION_FILE = "base_quantization_config.json"
+
+
+def _quantization_dict(model: torch.nn.Module) -> dict:
+    """The bitsandbytes quantization config the model was loaded with, as a JSON-ready dict."""
+    quantization = model.config.quantization_config
+    return quantization if isinstance(quantization, dict) else quantization.to_dict()
 
 
 def _merged_copy(peft_model: Any, scratch_dir: Path) -> torch.nn.Module:
@@ -651,7 +663,17 @@ def load_for_generation(path: str | os.PathLike, *, dtype: str = "auto",
     base_path = str(base_model_name_or_path or json.loads(adapter_config.read_text()).get("base_model_name_or_path")
                     or "")
     base_path = _local_dir(base_path, f"base model of the adapter in {path}")
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[dtype])
+    quantization_file = Path(path) / BASE_QUANTIZATION_FILE
+    if quantization_file.is_file():  # trained as QLoRA: the adapter belongs over the same quantised base
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig.from_dict(json.loads(quantization_file.read_text()))
+        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+        base = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quantization,
+                                                    device_map=device_map)
+        _keep_4bit_weights_trainable_on_cpu(base)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[dtype])
     try:
         model = PeftModel.from_pretrained(base, path)
     except RuntimeError as exc:

@@ -310,9 +310,11 @@ def load_pairs(source: str, split: str, cfg: TrainConfig, tokenizer, what: str):
     raw = load_preference_dataset(source, split=split, format=cfg.dataset_format, tokenizer=tokenizer)
     tokenized, stats = tokenize_preference_dataset(raw, tokenizer, max_length=cfg.max_length,
                                                    max_prompt_length=cfg.max_prompt_length)
-    if stats.dropped_empty_response or stats.identical_pairs:
+    if stats.dropped_empty_response or stats.identical_pairs or stats.prompts_truncated or stats.responses_truncated:
         print(f"[{what}] {stats.pairs_in} pairs: {stats.dropped_empty_response} dropped (no response token left "
-              f"after truncation), {stats.identical_pairs} with chosen identical to rejected (kept)", flush=True)
+              f"after truncation), {stats.identical_pairs} with chosen identical to rejected (kept), "
+              f"{stats.prompts_truncated} prompts cut to max_prompt_length, {stats.responses_truncated} "
+              f"responses cut to max_length", flush=True)
     return tokenized, stats
 
 
@@ -341,7 +343,7 @@ def train(objective: str, cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResu
     started = time.perf_counter()
     output_dir = Path(cfg.output_dir)
     set_seed(cfg.seed)
-    tokenizer = load_tokenizer(model_cfg.model_name_or_path)
+    tokenizer = load_tokenizer(model_cfg.model_name_or_path, revision=model_cfg.model_revision, what="model")
     train_set, _ = load_pairs(cfg.dataset_name, cfg.dataset_train_split, cfg, tokenizer, "train")
     eval_set = None
     if cfg.eval_dataset_name:
