@@ -46,12 +46,8 @@ TRL_STEP_METRICS = (
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The runs here are tiny: one intra-op thread is as fast alone, and far faster on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _tiny_runs_on_one_thread(one_thread):
+    """The runs here are tiny (see conftest's one_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -97,12 +97,8 @@ def _perturbed(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one intra-op thread is much faster than two contending for shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _tiny_models_on_one_thread(one_thread):
+    """The models are tiny (see conftest's one_thread)."""
 
 
 @pytest.fixture(scope="module")
