@@ -59,7 +59,7 @@ def test_ratios_are_taken_against_the_baseline_of_the_same_case_and_mode():
     assert [r.memory_ratio for r in rows] == [1.0, 0.25, 1.0, 1.0, None]
 
 
-@pytest.mark.parametrize("suite", ["logprobs", "lora"])
+@pytest.mark.parametrize("suite", ["losses", "logprobs", "lora", "dpo_step", "orpo_step"])
 def test_suite_runs_at_tiny_sizes_and_writes_its_files(suite, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "benchmarks", suite, "--sizes", "tiny", "--device", "cpu",
