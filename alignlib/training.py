@@ -398,6 +398,7 @@ def save_checkpoint(
     data_state: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
     save_total_limit: int | None = None,
+    extra_state: Any = None,
 ) -> Path:
     """Write `output_dir/checkpoint-{step}` atomically, update `output_dir/latest`, rotate.
 
@@ -409,6 +410,9 @@ def save_checkpoint(
             (JSON-serialisable).
         metadata: any other JSON-serialisable facts (config, metrics...).
         save_total_limit: keep only the newest this many checkpoints (None: keep all).
+        extra_state: anything else `torch.save` can write and `weights_only` can load (e.g. the
+            RNG states of every rank of a distributed run); `load_checkpoint` returns it as
+            state["extra_state"].
 
     Returns the checkpoint directory. Raises OSError (with errno kept, the directory named)
     when the write fails; the previous checkpoints and `latest` are then untouched and the
@@ -437,6 +441,8 @@ def save_checkpoint(
             if scheduler is not None:
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(rng_state(), tmp / "rng_state.pt")
+            if extra_state is not None:
+                torch.save(extra_state, tmp / "extra_state.pt")
             (tmp / "trainer_state.json").write_text(trainer_state_text)
             files = {
                 path.name: {"size": path.stat().st_size, "sha256": _sha256(path)}
@@ -522,7 +528,8 @@ def load_checkpoint(
     the optimizer and scheduler must be built the same way (same parameter order). With
     `restore_rng` every RNG is set back, so continuing gives bitwise the same run on CPU.
 
-    Returns the trainer state: {"step", "epoch", "data_state", "metadata", "time"}.
+    Returns the trainer state: {"step", "epoch", "data_state", "metadata", "time", "extra_state"}
+    (extra_state: what save_checkpoint was given, or None).
     Raises ValueError for an incomplete or corrupt checkpoint or mismatched parameters, and
     FileNotFoundError for a missing one.
     """
@@ -546,6 +553,7 @@ def load_checkpoint(
             obj.load_state_dict(load(name))
     if restore_rng:
         set_rng_state(load("rng_state.pt"))
+    state["extra_state"] = load("extra_state.pt") if (path / "extra_state.pt").is_file() else None
     return state
 
 
