@@ -41,6 +41,19 @@ from alignlib.data import (
     pad_token_id_for,
     tokenize_preference_dataset,
 )
+from alignlib.distributed import (
+    Processes,
+    barrier,
+    gather_objects,
+    main_process_first,
+    no_sync,
+    shard,
+    sum_across,
+    sum_tensor,
+    teardown,
+    wrap,
+)
+from alignlib.distributed import setup as setup_processes
 from alignlib.logprobs import sequence_logprobs, sequence_logprobs_from_hidden
 from alignlib.losses import DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, reward_ranking_loss, simpo_loss
 from alignlib.models import (
@@ -49,7 +62,6 @@ from alignlib.models import (
     load_reward_model,
     load_tokenizer,
     make_reference,
-    precompute_per_example,
     save_model,
 )
 from alignlib.training import (
@@ -61,12 +73,18 @@ from alignlib.training import (
     load_checkpoint,
     make_optimizer,
     make_scheduler,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
     set_seed,
 )
 
+SINGLE_PROCESS = Processes()
+
 OBJECTIVES = ("dpo", "orpo", "simpo", "cpo", "reward")
 REFERENCE_STRATEGY_CHOICES = ("auto", "adapter_disabled", "model", "precomputed")
+NONFINITE_POLICIES = ("stop", "skip")
+MAX_SKIPPED_IN_A_ROW = 8  # on_nonfinite="skip" gives up after this many non-finite steps in a row
 
 
 @dataclass
@@ -120,6 +138,11 @@ class TrainConfig:
     reference_strategy: str = field(default="auto", metadata={"help": "auto, adapter_disabled, model, precomputed."})
     use_kernels: bool = field(default=False, metadata={"help": "Fused log-probs from hidden states (and the "
                               "Triton LoRA matmul on CUDA)."})
+    fsdp: bool = field(default=False, metadata={"help": "Under torchrun: shard parameters, gradients and optimizer "
+                       "states across ranks (FSDP2) instead of replicating the model (DDP)."})
+    on_nonfinite: str = field(default="stop", metadata={"help": "When a step's loss or gradient norm is NaN/inf: "
+                              "'stop' the run, or 'skip' the update (logged; stops after "
+                              "MAX_SKIPPED_IN_A_ROW skips in a row)."})
     merge_adapter: bool = field(default=False, metadata={"help": "Save the LoRA adapter merged into the base."})
     plot: bool = field(default=True, metadata={"help": "Write training_curves.png (needs matplotlib)."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
@@ -139,6 +162,11 @@ class TrainConfig:
             raise ValueError(f"unknown DPO loss_type {self.loss_type!r}; known: {', '.join(DPO_LOSS_TYPES)}")
         if objective == "cpo" and self.loss_type not in ("sigmoid", "hinge", "ipo", "simpo"):
             raise ValueError(f"unknown CPO loss_type {self.loss_type!r}; known: sigmoid, hinge, ipo, simpo")
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {self.on_nonfinite!r}")
+        if self.fsdp and self.use_kernels:
+            raise ValueError("use_kernels reads the lm_head weight outside the model's forward, which FSDP shards: "
+                             "use one of fsdp and use_kernels")
         if self.resume_from_checkpoint not in (None, "latest") and not Path(self.resume_from_checkpoint).is_dir():
             raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint directory at {self.resume_from_checkpoint}")
 
@@ -205,17 +233,44 @@ def _fusable(model: torch.nn.Module) -> bool:
             and head is not None and getattr(head, "bias", None) is None)
 
 
-def pairwise_terms(objective: str, cfg: TrainConfig, model: torch.nn.Module, batch: dict, reference) -> BatchTerms:
-    """The objective's per-pair losses for one micro-batch of B pairs (rows: B chosen, then B rejected)."""
+class PolicyOutputs(torch.nn.Module):
+    """The policy's forward as the objectives consume it, as one module, so that DDP can wrap it
+    whole (the fused path reaches past the model's own forward to its decoder and lm_head).
+
+    forward(input_ids, attention_mask, labels) returns, for the reward objective, the scores
+    (2B,); otherwise the summed log-probs of each row's labelled tokens (2B,) and their counts.
+    """
+
+    def __init__(self, model: torch.nn.Module, objective: str, use_kernels: bool) -> None:
+        super().__init__()
+        self.model, self.objective, self.use_kernels = model, objective, use_kernels
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
+        if self.objective == "reward":
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return response_logps(self.model, batch, use_kernels=self.use_kernels)
+
+
+def pairwise_terms(objective: str, cfg: TrainConfig, model: torch.nn.Module, batch: dict, reference,
+                   *, policy: torch.nn.Module | None = None) -> BatchTerms:
+    """The objective's per-pair losses for one micro-batch of B pairs (rows: B chosen, then B rejected).
+
+    `policy`: the PolicyOutputs of `model` to run (e.g. wrapped in DDP); by default a plain one.
+    """
     pairs = batch["input_ids"].shape[0] // 2
+    policy = policy if policy is not None else PolicyOutputs(model, objective, cfg.use_kernels)
     if objective == "reward":
-        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        scores = policy(batch["input_ids"], batch["attention_mask"])
         scores = scores if scores.dtype == torch.float64 else scores.float()  # bf16/fp16 scores upcast
+        scores, poison = _finite_or_poisoned(scores)
         out = reward_ranking_loss(scores[:pairs], scores[pairs:], margin=batch.get("margin"),
                                   center_rewards_coefficient=cfg.center_rewards_coefficient)
-        return BatchTerms(out.losses.sum(), scores.new_zeros(()), 0, _reward_metric_sums(out), pairs, _ties(out))
+        return BatchTerms(out.losses.sum() + poison, scores.new_zeros(()), 0, _reward_metric_sums(out), pairs,
+                          _ties(out))
 
-    logps_sum, counts = response_logps(model, batch, use_kernels=cfg.use_kernels)
+    logps_sum, counts = policy(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    logps_sum, poison = _finite_or_poisoned(logps_sum)
     average = uses_average_logps(objective, cfg)
     logps = logps_sum / counts.clamp(min=1) if average else logps_sum
     chosen, rejected = logps[:pairs], logps[pairs:]
@@ -244,7 +299,21 @@ def pairwise_terms(objective: str, cfg: TrainConfig, model: torch.nn.Module, bat
     if objective == "orpo":
         metrics["log_odds_ratio"] = out.log_odds_ratio.sum().item()
         metrics["log_odds_chosen"] = out.log_odds_chosen.sum().item()
-    return BatchTerms(out.losses.sum(), nll_sum, chosen_tokens, metrics, pairs, _ties(out))
+    return BatchTerms(out.losses.sum() + poison, nll_sum, chosen_tokens, metrics, pairs, _ties(out))
+
+
+def _finite_or_poisoned(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`values` with NaN/inf replaced by 0, and a term to add to the loss: 0 when every value was
+    finite, NaN otherwise (and NaN gradients behind it).
+
+    NaN or inf logits are a property of the step, not of the input to a loss function (which
+    refuses non-finite log-probs): this carries them past the loss functions' checks to the
+    step's own check, where `on_nonfinite` stops the run or skips the update on every rank.
+    """
+    if bool(torch.isfinite(values).all()):
+        return values, values.new_zeros(())
+    finite = torch.where(torch.isfinite(values), values, torch.zeros_like(values))
+    return finite, values.sum() * 0.0
 
 
 def _ties(out) -> int:
@@ -275,7 +344,12 @@ def reference_logps(reference, batch: dict, pairs: int) -> tuple[torch.Tensor, t
 
 @dataclass
 class Schedule:
-    """Which examples each optimizer step uses: depends only on (seed, epoch, step)."""
+    """Which examples each optimizer step uses: depends only on (seed, epoch, step).
+
+    pairs_per_step is global: per_device_train_batch_size x gradient_accumulation_steps x the
+    number of ranks. Under torchrun each rank takes its share of a step (`distributed.shard`)
+    and splits it into micro-batches of `micro_batch`.
+    """
 
     num_examples: int
     pairs_per_step: int
@@ -286,14 +360,25 @@ class Schedule:
     def steps_per_epoch(self) -> int:
         return math.ceil(self.num_examples / self.pairs_per_step)
 
-    def micro_batches(self, step: int) -> list[list[int]]:
-        """Example indices of step `step` (0-based), split into micro-batches."""
+    def step_indices(self, step: int) -> list[int]:
+        """Example indices of step `step` (0-based), over all ranks."""
         epoch, position = divmod(step, self.steps_per_epoch)
         sampler = SeededSampler(self.num_examples, seed=self.seed)
         sampler.set_epoch(epoch)
-        order = sampler.order()
-        chosen = order[position * self.pairs_per_step : (position + 1) * self.pairs_per_step]
-        return [chosen[i : i + self.micro_batch] for i in range(0, len(chosen), self.micro_batch)]
+        return sampler.order()[position * self.pairs_per_step : (position + 1) * self.pairs_per_step]
+
+    def micro_batches(self, step: int, processes: Processes = SINGLE_PROCESS) -> list[list[int]]:
+        """This rank's example indices of step `step`, split into micro-batches.
+
+        Every rank gets the same number of micro-batches (so each joins every gradient
+        all-reduce); where a short last step leaves a rank fewer examples, its list ends with
+        empty micro-batches, which the loop runs with zero weight.
+        """
+        everyone = self.step_indices(step)
+        mine = shard(everyone, processes)
+        count = math.ceil(math.ceil(len(everyone) / processes.world_size) / self.micro_batch)
+        batches = [mine[i : i + self.micro_batch] for i in range(0, len(mine), self.micro_batch)]
+        return batches + [[] for _ in range(count - len(batches))]
 
 
 def collate(dataset, indices: list[int], collator: PreferenceCollator, device: torch.device,
@@ -306,10 +391,12 @@ def collate(dataset, indices: list[int], collator: PreferenceCollator, device: t
     return batch
 
 
-def load_pairs(source: str, split: str, cfg: TrainConfig, tokenizer, what: str):
+def load_pairs(source: str, split: str, cfg: TrainConfig, tokenizer, what: str, *, verbose: bool = True):
     raw = load_preference_dataset(source, split=split, format=cfg.dataset_format, tokenizer=tokenizer)
     tokenized, stats = tokenize_preference_dataset(raw, tokenizer, max_length=cfg.max_length,
                                                    max_prompt_length=cfg.max_prompt_length)
+    if not verbose:
+        return tokenized, stats
     if stats.dropped_empty_response or stats.identical_pairs or stats.prompts_truncated or stats.responses_truncated:
         print(f"[{what}] {stats.pairs_in} pairs: {stats.dropped_empty_response} dropped (no response token left "
               f"after truncation), {stats.identical_pairs} with chosen identical to rejected (kept), "
@@ -334,26 +421,40 @@ class TrainResult:
 
 
 def train(objective: str, cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResult:
-    """Train `objective` on cfg.dataset_name starting from model_cfg.model_name_or_path; see the module docstring."""
+    """Train `objective` on cfg.dataset_name starting from model_cfg.model_name_or_path; see the module docstring.
+
+    Under torchrun every rank calls this; see alignlib.distributed for how the work is split.
+    """
     cfg.check(objective)
     if not model_cfg.model_name_or_path:
         raise ValueError("no model: give model_name_or_path (--model PATH)")
     if not cfg.dataset_name:
         raise ValueError("no dataset: give dataset_name (--dataset PATH)")
+    processes = setup_processes()
+    try:
+        return _train(objective, cfg, model_cfg, processes)
+    finally:
+        teardown(processes)
+
+
+def _train(objective: str, cfg: TrainConfig, model_cfg: ModelConfig, processes: Processes) -> TrainResult:
     started = time.perf_counter()
     output_dir = Path(cfg.output_dir)
+    main = processes.is_main
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(model_cfg.model_name_or_path, revision=model_cfg.model_revision, what="model")
-    train_set, _ = load_pairs(cfg.dataset_name, cfg.dataset_train_split, cfg, tokenizer, "train")
-    eval_set = None
-    if cfg.eval_dataset_name:
-        eval_set, _ = load_pairs(cfg.eval_dataset_name, cfg.dataset_test_split, cfg, tokenizer, "eval")
+    with main_process_first(processes):  # rank 0 fills the datasets cache, the others read it
+        train_set, _ = load_pairs(cfg.dataset_name, cfg.dataset_train_split, cfg, tokenizer, "train", verbose=main)
+        eval_set = None
+        if cfg.eval_dataset_name:
+            eval_set, _ = load_pairs(cfg.eval_dataset_name, cfg.dataset_test_split, cfg, tokenizer, "eval",
+                                     verbose=main)
 
     if objective == "reward":
         model = load_reward_model(model_cfg, tokenizer=tokenizer, gradient_checkpointing=cfg.gradient_checkpointing)
     else:
         model = load_causal_lm(model_cfg, gradient_checkpointing=cfg.gradient_checkpointing)
-    device = next(model.parameters()).device
+    device = _place(model, processes)
     collator = PreferenceCollator(pad_token_id_for(tokenizer), for_reward_model=objective == "reward")
     fused_lora_off = _maybe_fuse_lora(model, cfg)
 
@@ -361,10 +462,20 @@ def train(objective: str, cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResu
     if objective == "dpo":
         reference = make_reference(_reference_strategy(cfg, model_cfg), model, model_cfg)
         if reference.precompute_only:
-            ref_train = _precompute_reference(reference, train_set, collator, cfg, device)
-            ref_eval = eval_set and _precompute_reference(reference, eval_set, collator, cfg, device)
+            ref_train = _precompute_reference(reference, train_set, collator, cfg, device, processes)
+            ref_eval = eval_set and _precompute_reference(reference, eval_set, collator, cfg, device, processes)
 
-    pairs_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    # DDP wraps the whole policy forward; FSDP shards the model in place (each decoder block, then the root).
+    policy = PolicyOutputs(model, objective, cfg.use_kernels)
+    if cfg.fsdp:
+        wrap(model, "fsdp", processes, layers=_decoder_blocks(model))
+        sync_target = model
+    else:
+        policy = wrap(policy, "ddp", processes)
+        sync_target = policy
+
+    world = processes.world_size
+    pairs_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     schedule = Schedule(len(train_set), pairs_per_step, cfg.per_device_train_batch_size, cfg.seed)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * schedule.steps_per_epoch)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -377,15 +488,16 @@ def train(objective: str, cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResu
     start_step = 0
     checkpoint = _checkpoint_to_resume(cfg)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
-        start_step = state["step"]
-        print(f"resumed from {checkpoint} at step {start_step}", flush=True)
+        start_step = _resume(checkpoint, model, optimizer, scheduler, cfg, processes)
+        if main:
+            print(f"resumed from {checkpoint} at step {start_step}", flush=True)
     logger = MetricsLogger(output_dir, resume_step=start_step if checkpoint is not None else None)
-    (output_dir / "config.json").write_text(json.dumps(
-        {"objective": objective, "train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)},
-        indent=2, default=str))
+    if main:
+        (output_dir / "config.json").write_text(json.dumps(
+            {"objective": objective, "train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
+             "world_size": world}, indent=2, default=str))
 
-    evaluate_now = _evaluator(objective, cfg, model, eval_set, collator, reference, ref_eval, device)
+    evaluate_now = _evaluator(objective, cfg, model, policy, eval_set, collator, reference, ref_eval, device, processes)
     eval_before = evaluate_now() if eval_set is not None and start_step == 0 else {}
     if eval_before:
         logger.log({f"eval_{k}": v for k, v in eval_before.items()}, step=0, epoch=0.0)
@@ -393,76 +505,163 @@ def train(objective: str, cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResu
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda"
                 else contextlib.nullcontext())
     nll_alpha = nll_weight(objective, cfg)
+    accuracy_key = "accuracy" if objective == "reward" else "rewards/accuracies"
     throughput = Throughput()
-    window: dict[str, float] = {}
-    window_pairs = 0
+    window: dict[str, float] = {}  # this rank's metric sums since the last log (summed over ranks when logged)
+    window_loss, window_pairs = 0.0, 0  # over all ranks
+    window_local_pairs = 0  # this rank's (for the progress bar)
+    skipped_in_a_row = 0
     model.train()
     with Progress(total_steps, initial=start_step, desc=f"alignlib {objective}", disable=cfg.disable_tqdm) as bar:
         for step in range(start_step, total_steps):
-            micro_batches = [collate(train_set, idx, collator, device, ref_train)
-                             for idx in schedule.micro_batches(step)]
-            step_pairs = sum(b["input_ids"].shape[0] // 2 for b in micro_batches)
-            step_chosen_tokens = sum(int((b["labels"][: b["labels"].shape[0] // 2, 1:] != -100).sum())
-                                     for b in micro_batches if "labels" in b)
-            loss_value = 0.0
-            for batch in micro_batches:
-                with autocast:
-                    terms = pairwise_terms(objective, cfg, model, batch, reference)
-                    loss = terms.pair_loss_sum / step_pairs
-                    if nll_alpha:
-                        loss = loss + nll_alpha * terms.nll_sum / max(step_chosen_tokens, 1)
-                loss.backward()
+            done = step + 1
+            index_batches = schedule.micro_batches(step, processes)
+            everyone = schedule.step_indices(step)
+            step_pairs = len(everyone)  # over all ranks
+            # An empty micro-batch (a short last step) runs the step's first pair with zero weight.
+            micro_batches = [collate(train_set, indices or everyone[:1], collator, device, ref_train)
+                             for indices in index_batches]
+            step_chosen_tokens = 0
+            if nll_alpha:
+                mine = sum(_chosen_tokens(b) for b, indices in zip(micro_batches, index_batches, strict=True) if indices)
+                step_chosen_tokens = int(sum_tensor(torch.tensor([mine], device=device), processes).item())
+            loss_value, step_metrics = 0.0, {}
+            for position, (batch, indices) in enumerate(zip(micro_batches, index_batches, strict=True)):
+                weight = world if indices else 0.0  # ranks' gradients are averaged; an empty micro-batch adds 0
+                with no_sync(sync_target, skip=position < len(micro_batches) - 1):
+                    with autocast:
+                        terms = pairwise_terms(objective, cfg, model, batch, reference, policy=policy)
+                        loss = terms.pair_loss_sum / step_pairs
+                        if nll_alpha:
+                            loss = loss + nll_alpha * terms.nll_sum / max(step_chosen_tokens, 1)
+                    (loss * weight).backward()
+                if not indices:
+                    continue
                 loss_value += loss.item()
                 for key, value in terms.metric_sums.items():
-                    window[key] = window.get(key, 0.0) + value
+                    step_metrics[key] = step_metrics.get(key, 0.0) + value
                 if nll_alpha:
-                    window["nll_loss"] = window.get("nll_loss", 0.0) + terms.nll_sum.item() / max(step_chosen_tokens, 1) * step_pairs
+                    step_metrics["nll_loss"] = (step_metrics.get("nll_loss", 0.0)
+                                                + terms.nll_sum.item() / max(step_chosen_tokens, 1) * step_pairs)
                 throughput.add(int(batch["attention_mask"].sum()))
-            window["loss"] = window.get("loss", 0.0) + loss_value * step_pairs
-            window_pairs += step_pairs
-            grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0
-                         else _grad_norm(trainable))
-            if not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"step {step + 1}: the gradient norm is {grad_norm.item()} (loss "
-                                         f"{loss_value}); stopping before the weights are corrupted")
-            optimizer.step()
+            loss_value = sum_tensor(torch.tensor([loss_value], dtype=torch.float64, device=device), processes).item()
+            grad_norm = _clip_grad_norm(trainable, cfg.max_grad_norm)
+            if math.isfinite(loss_value) and math.isfinite(grad_norm):
+                optimizer.step()
+                skipped_in_a_row = 0
+                for key, value in step_metrics.items():
+                    window[key] = window.get(key, 0.0) + value
+                window_loss += loss_value * step_pairs
+                window_pairs += step_pairs
+                window_local_pairs += sum(len(indices) for indices in index_batches)
+                last_grad_norm = grad_norm
+            else:
+                skipped_in_a_row = _handle_nonfinite(cfg, done, loss_value, grad_norm, skipped_in_a_row, logger, main)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            done = step + 1
             epoch = done / schedule.steps_per_epoch
-            accuracy_key = "accuracy" if objective == "reward" else "rewards/accuracies"
-            bar.update(loss=loss_value, acc=window.get(accuracy_key, 0.0) / max(window_pairs, 1))
+            bar.update(loss=loss_value, acc=window.get(accuracy_key, 0.0) / max(window_local_pairs, 1))
             if done % cfg.logging_steps == 0 or done == total_steps:
-                record = {key: value / window_pairs for key, value in window.items()}
-                record.update({"learning_rate": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
-                               "tokens_per_second": throughput.rate()})
-                logger.log(record, step=done, epoch=epoch)
-                window, window_pairs = {}, 0
+                if window_pairs:
+                    record = {key: value / window_pairs for key, value in sum_across(window, processes).items()}
+                    record["loss"] = window_loss / window_pairs
+                    record.update({"learning_rate": scheduler.get_last_lr()[0], "grad_norm": last_grad_norm,
+                                   "tokens_per_second": sum_across({"rate": throughput.rate()}, processes)["rate"]})
+                    logger.log(record, step=done, epoch=epoch)
+                window, window_loss, window_pairs, window_local_pairs = {}, 0.0, 0, 0
                 throughput.reset()
             if eval_set is not None and cfg.eval_steps and done % cfg.eval_steps == 0 and done != total_steps:
                 logger.log({f"eval_{k}": v for k, v in evaluate_now().items()}, step=done, epoch=epoch)
                 model.train()
             if cfg.save_steps and done % cfg.save_steps == 0 and done != total_steps:
-                save_checkpoint(output_dir, done, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                                data_state={"step": done, "seed": cfg.seed}, metadata={"objective": objective},
-                                save_total_limit=cfg.save_total_limit)
+                _save_checkpoint(output_dir, done, model, optimizer, scheduler, epoch, objective, cfg, processes)
 
     eval_after = evaluate_now() if eval_set is not None else {}
     if eval_after:
         logger.log({f"eval_{k}": v for k, v in eval_after.items()}, step=total_steps, epoch=total_steps / schedule.steps_per_epoch)
     if fused_lora_off is not None:
         fused_lora_off()
-    model_dir = save_model(model, tokenizer, output_dir / "final", merge_adapter=cfg.merge_adapter)
-    if cfg.plot:
-        logger.plot(output_dir / "training_curves.png", keys=_plot_keys(objective, logger.path))
+    model_dir = output_dir / "final"
+    if main:
+        save_model(model, tokenizer, model_dir, merge_adapter=cfg.merge_adapter)
+        if cfg.plot:
+            logger.plot(output_dir / "training_curves.png", keys=_plot_keys(objective, logger.path))
     logger.close()
-    return TrainResult(output_dir, Path(model_dir), total_steps, eval_before, eval_after,
-                       time.perf_counter() - started)
+    barrier(processes)
+    return TrainResult(output_dir, model_dir, total_steps, eval_before, eval_after, time.perf_counter() - started)
 
 
-def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.zeros(())
+def _chosen_tokens(batch: dict) -> int:
+    """Labelled tokens of the chosen rows (the first half) of a micro-batch."""
+    labels = batch["labels"]
+    return int((labels[: labels.shape[0] // 2, 1:] != -100).sum())
+
+
+def _clip_grad_norm(params: list[torch.Tensor], max_grad_norm: float) -> float:
+    """The gradient norm over all ranks (clipped to max_grad_norm if > 0), as a float."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP: a replicated DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _handle_nonfinite(cfg: TrainConfig, step: int, loss: float, grad_norm: float, skipped_in_a_row: int,
+                      logger: MetricsLogger, main: bool) -> int:
+    """Stop, or skip the update, for a step whose loss or gradient norm is NaN/inf; returns the skip count."""
+    what = f"step {step}: the loss is {loss} and the gradient norm {grad_norm}"
+    if cfg.on_nonfinite == "stop":
+        raise FloatingPointError(f"{what}; stopping before the weights are corrupted (on_nonfinite='skip' skips "
+                                 "such steps instead)")
+    skipped_in_a_row += 1
+    if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+        raise FloatingPointError(f"{what}; {skipped_in_a_row} steps in a row were non-finite, stopping")
+    logger.log({"skipped_nonfinite_step": step}, step=step)
+    if main:
+        print(f"{what}; update skipped (on_nonfinite='skip')", flush=True)
+    return skipped_in_a_row
+
+
+def _place(model: torch.nn.Module, processes: Processes) -> torch.device:
+    """Move the model to this rank's device (quantised models are placed at load time); return the device."""
+    if processes.device is not None and not getattr(model, "is_loaded_in_4bit", False) \
+            and not getattr(model, "is_loaded_in_8bit", False):
+        model.to(processes.device)
+    return next(model.parameters()).device
+
+
+def _decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks FSDP shards one by one: transformers names their class in _no_split_modules."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    blocks = [module for module in base.modules() if type(module).__name__ in names]
+    if not blocks:
+        raise ValueError(f"fsdp: found no decoder blocks to shard in {type(base).__name__} "
+                         f"(its _no_split_modules is {sorted(names)})")
+    return blocks
+
+
+def _save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, epoch: float, objective: str,
+                     cfg: TrainConfig, processes: Processes) -> None:
+    """Every rank calls this: their RNG states are gathered, rank 0 writes, the others wait for it."""
+    rng_states = gather_objects(rng_state(), processes)
+    save_checkpoint(output_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                    data_state={"step": step, "seed": cfg.seed, "world_size": processes.world_size},
+                    metadata={"objective": objective}, save_total_limit=cfg.save_total_limit,
+                    extra_state={"rank_rng_states": rng_states})
+    barrier(processes)
+
+
+def _resume(checkpoint: Path, model, optimizer, scheduler, cfg: TrainConfig, processes: Processes) -> int:
+    """Load `checkpoint` on every rank; returns the step it was saved at."""
+    state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    saved_world = state["data_state"].get("world_size", 1)
+    if saved_world != processes.world_size:
+        raise ValueError(f"checkpoint {checkpoint} was saved by {saved_world} process(es), this run has "
+                         f"{processes.world_size}: resume with the same number of ranks (the data order depends on it)")
+    rank_states = (state.get("extra_state") or {}).get("rank_rng_states")
+    if rank_states:  # each rank continues its own random stream (dropout)
+        set_rng_state(rank_states[processes.rank])
+    return state["step"]
 
 
 def _reference_strategy(cfg: TrainConfig, model_cfg: ModelConfig) -> str:
@@ -481,38 +680,56 @@ def _maybe_fuse_lora(model: torch.nn.Module, cfg: TrainConfig):
     return lambda: disable_fused_lora(model)
 
 
-def _precompute_reference(reference, dataset, collator, cfg: TrainConfig, device) -> torch.Tensor:
-    """(N, 2) reference log-probs (chosen, rejected) of every pair, computed once before training."""
-    loader = torch.utils.data.DataLoader(
-        list(range(len(dataset))), batch_size=cfg.per_device_eval_batch_size,
-        collate_fn=lambda indices: {"index": torch.tensor(indices), **collate(dataset, indices, collator, device)},
-    )
+def _rank_batches(num_examples: int, size: int, processes: Processes) -> list[list[int]]:
+    """This rank's share of examples 0..N-1 in batches of `size`; every rank gets the same number of
+    batches (FSDP needs every rank in every forward), padded with empty ones."""
+    mine = shard(list(range(num_examples)), processes)
+    count = math.ceil(math.ceil(num_examples / processes.world_size) / size)
+    batches = [mine[i : i + size] for i in range(0, len(mine), size)]
+    return batches + [[] for _ in range(count - len(batches))]
 
-    def both_sides(batch: dict) -> torch.Tensor:
+
+def _precompute_reference(reference, dataset, collator, cfg: TrainConfig, device,
+                          processes: Processes = SINGLE_PROCESS) -> torch.Tensor:
+    """(N, 2) reference log-probs (chosen, rejected) of every pair, computed once before training.
+
+    Each rank computes its share; the rows are summed over ranks (each row is filled by one rank).
+    """
+    values = None
+    for indices in _rank_batches(len(dataset), cfg.per_device_eval_batch_size, processes):
+        batch = collate(dataset, indices or [0], collator, device)
         logps = sequence_logprobs(reference(batch["input_ids"], batch["attention_mask"]), batch["labels"])
-        pairs = logps.shape[0] // 2
-        return torch.stack([logps[:pairs], logps[pairs:]], dim=-1)
+        if values is None:
+            values = logps.new_zeros(len(dataset), 2)
+        if indices:
+            pairs = logps.shape[0] // 2
+            values[indices] = torch.stack([logps[:pairs], logps[pairs:]], dim=-1)
+    return sum_tensor(values, processes).cpu()
 
-    return precompute_per_example(both_sides, loader)
 
-
-def _evaluator(objective, cfg, model, eval_set, collator, reference, ref_eval, device):
-    """A function that returns the held-out metrics (means over pairs) of the model as it is now."""
+def _evaluator(objective, cfg, model, policy, eval_set, collator, reference, ref_eval, device,
+               processes: Processes = SINGLE_PROCESS):
+    """A function that returns the held-out metrics (means over pairs) of the model as it is now;
+    under torchrun each rank evaluates its share and the sums are added up."""
+    # DDP's forward would also sync buffers; evaluation needs none of it. FSDP's runs the shards.
+    evaluated = policy.module if hasattr(policy, "module") else policy
 
     def evaluate() -> dict[str, float]:
         model.eval()
         sums: dict[str, float] = {}
-        pairs_seen, ties = 0, 0
-        size = cfg.per_device_eval_batch_size
         with torch.no_grad():
-            for start in range(0, len(eval_set), size):
-                batch = collate(eval_set, list(range(start, min(start + size, len(eval_set)))), collator, device, ref_eval)
-                terms = pairwise_terms(objective, cfg, model, batch, reference)
+            for indices in _rank_batches(len(eval_set), cfg.per_device_eval_batch_size, processes):
+                batch = collate(eval_set, indices or [0], collator, device, ref_eval)
+                terms = pairwise_terms(objective, cfg, model, batch, reference, policy=evaluated)
+                if not indices:
+                    continue
                 for key, value in terms.metric_sums.items():
                     sums[key] = sums.get(key, 0.0) + value
                 sums["loss"] = sums.get("loss", 0.0) + terms.pair_loss_sum.item()
-                ties += terms.ties
-                pairs_seen += terms.pairs
+                sums["ties"] = sums.get("ties", 0.0) + terms.ties
+                sums["pairs"] = sums.get("pairs", 0.0) + terms.pairs
+        sums = sum_across(sums, processes)
+        pairs_seen, ties = sums.pop("pairs"), sums.pop("ties")
         metrics = {key: value / pairs_seen for key, value in sums.items()}
         accuracy_key = "accuracy" if objective == "reward" else "rewards/accuracies"
         # A tie (policy == reference before training) is a coin flip: count it as half right.

@@ -17,7 +17,7 @@ import struct
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers.tiny_llama import save_tiny_llama, write_pairs
 
 import alignlib.trainer as trainer_module
 from alignlib import demo
@@ -42,22 +42,6 @@ from alignlib.training import read_metrics, set_seed
 
 TRL_TRAIN_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                      "logps/chosen", "logps/rejected", "learning_rate", "grad_norm", "epoch", "step")
-
-
-def save_tiny_llama(path, *, hidden: int = 32, dtype: torch.dtype = torch.float32, seed: int = 0) -> str:
-    """A seeded 2-layer Llama over the demo vocabulary, with the demo tokenizer, saved to `path`."""
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=105, max_position_embeddings=128, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).to(dtype).save_pretrained(path)
-    demo.load_tokenizer().save_pretrained(path)
-    return str(path)
-
-
-def write_pairs(path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

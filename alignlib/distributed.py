@@ -1,0 +1,179 @@
+"""More than one process: what the trainer needs from torch.distributed, in one place.
+
+`torchrun --nproc_per_node N -m alignlib train dpo ...` starts N copies of the command with
+RANK, WORLD_SIZE and LOCAL_RANK in their environment. `setup()` reads them and joins the
+process group (NCCL on GPUs, gloo on CPUs); a plain `alignlib train` sees no WORLD_SIZE and
+runs as one process with no process group at all.
+
+How a step is split: every rank computes the same global schedule (which examples step s
+uses; it depends only on the seed), and rank r takes every W-th of them, starting at r, as
+torch's DistributedSampler does. Unlike DistributedSampler nothing is padded with repeated
+examples: a short last step of an epoch is split unevenly, and a rank with fewer examples
+runs a zero-weight micro-batch so that every rank joins every gradient all-reduce. Each rank
+divides its summed losses by the pair count of the whole step and multiplies by W (DDP and
+FSDP average gradients over ranks), so the gradient is exactly that of one process taking
+the whole step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+PARALLELISMS = ("ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Where this process stands: rank r of world_size, on `device`."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device | None = None  # the device this rank trains on; None: wherever the model loads
+    started_here: bool = False  # setup() created the process group (and teardown() destroys it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(timeout_minutes: float = 30.0) -> Processes:
+    """Join the torchrun process group if this process was started by torchrun (WORLD_SIZE > 1).
+
+    On GPUs each rank uses cuda:LOCAL_RANK and NCCL; otherwise gloo on the CPU. A process group
+    someone already initialised is used as it is.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1 and not dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        return Processes(device=device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} GPUs: start "
+                             "torchrun with --nproc_per_node at most the number of GPUs")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = None
+    started_here = False
+    if not dist.is_initialized():
+        for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+            if name not in os.environ:
+                raise ValueError(f"WORLD_SIZE={world_size} is set but {name} is not: start several processes with "
+                                 "torchrun (torchrun --nproc_per_node N -m alignlib train ...)")
+        backend = "nccl" if device is not None else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        started_here = True
+    return Processes(dist.get_rank(), dist.get_world_size(), local_rank, device, started_here)
+
+
+def teardown(processes: Processes) -> None:
+    """Leave the process group if setup() joined it."""
+    if processes.started_here and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(indices: list[int], processes: Processes) -> list[int]:
+    """This rank's share of `indices`: positions rank, rank + W, rank + 2W, ... (no padding)."""
+    return indices[processes.rank :: processes.world_size]
+
+
+def barrier(processes: Processes) -> None:
+    if processes.distributed:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first(processes: Processes) -> Iterator[None]:
+    """Rank 0 runs the body first (e.g. to fill the datasets cache), then the other ranks."""
+    if not processes.is_main:
+        barrier(processes)
+    yield
+    if processes.is_main:
+        barrier(processes)
+
+
+def sum_across(values: dict[str, float], processes: Processes) -> dict[str, float]:
+    """Sum a dict of numbers over ranks (keys missing on a rank count as 0); every rank gets the sums."""
+    if not processes.distributed:
+        return dict(values)
+    gathered: list[dict[str, float] | None] = [None] * processes.world_size
+    dist.all_gather_object(gathered, values)
+    total: dict[str, float] = {}
+    for part in gathered:
+        for key, value in (part or {}).items():
+            total[key] = total.get(key, 0.0) + value
+    return total
+
+
+def sum_tensor(tensor: torch.Tensor, processes: Processes) -> torch.Tensor:
+    """`tensor` summed over ranks (in place; returned for convenience)."""
+    if processes.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def gather_objects(value, processes: Processes) -> list:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not processes.distributed:
+        return [value]
+    gathered: list = [None] * processes.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def wrap(module: torch.nn.Module, parallelism: str, processes: Processes,
+         layers: list[torch.nn.Module] | None = None) -> torch.nn.Module:
+    """`module` ready for data-parallel training across the ranks.
+
+    - "ddp": torch's DistributedDataParallel; every rank holds the whole model and gradients
+      are all-reduced (averaged) during backward.
+    - "fsdp": torch's fully_shard (FSDP2) on each of `layers` (e.g. the decoder blocks) and on
+      `module`: parameters, gradients and optimizer states are sharded across ranks, and each
+      block's parameters are gathered only while it runs. Build the optimizer after wrapping.
+    """
+    if parallelism not in PARALLELISMS:
+        raise ValueError(f"parallelism must be one of {', '.join(PARALLELISMS)}, got {parallelism!r}")
+    if not processes.distributed:
+        return module
+    if parallelism == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [processes.device.index] if processes.device is not None else None
+        return DistributedDataParallel(module, device_ids=device_ids)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in layers or []:
+        fully_shard(layer)
+    fully_shard(module)
+    return module
+
+
+def no_sync(module: torch.nn.Module, skip: bool):
+    """Hold back DDP's gradient all-reduce for this backward (all micro-batches but a step's last)."""
+    if skip and hasattr(module, "no_sync"):
+        return module.no_sync()
+    if skip and hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        module.set_requires_gradient_sync(False)
+        return _restore_gradient_sync(module)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _restore_gradient_sync(module: torch.nn.Module) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
