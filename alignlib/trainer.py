@@ -582,8 +582,9 @@ def _train(objective: str, cfg: TrainConfig, model_cfg: ModelConfig, processes: 
     if fused_lora_off is not None:
         fused_lora_off()
     model_dir = output_dir / "final"
+    saved = _gathered_copy(model, objective, model_cfg, tokenizer, processes) if cfg.fsdp else model
     if main:
-        save_model(model, tokenizer, model_dir, merge_adapter=cfg.merge_adapter)
+        save_model(saved, tokenizer, model_dir, merge_adapter=cfg.merge_adapter)
         if cfg.plot:
             logger.plot(output_dir / "training_curves.png", keys=_plot_keys(objective, logger.path))
     logger.close()
@@ -638,6 +639,20 @@ def _decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
         raise ValueError(f"fsdp: found no decoder blocks to shard in {type(base).__name__} "
                          f"(its _no_split_modules is {sorted(names)})")
     return blocks
+
+
+def _gathered_copy(model, objective: str, model_cfg: ModelConfig, tokenizer, processes: Processes):
+    """FSDP: the sharded model's full weights, gathered (every rank takes part) into a fresh unsharded
+    copy on rank 0's CPU, to be saved; None on the other ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not processes.is_main:
+        return None
+    copy = (load_reward_model(model_cfg, tokenizer=tokenizer) if objective == "reward"
+            else load_causal_lm(model_cfg))
+    copy.load_state_dict(full)
+    return copy
 
 
 def _save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, epoch: float, objective: str,

@@ -112,18 +112,21 @@ def assert_same_run(single: Path, ranks: Path, steps: int, tolerance: float = TO
 
 
 def test_dpo_two_ranks_of_4_equal_one_process_of_8(model_dir, pairs, heldout, tmp_path):
-    """Full fine-tuning with a frozen reference copy; held-out metrics are reduced over ranks too."""
+    """Full fine-tuning with a frozen reference copy, replicated (DDP) and sharded (FSDP); held-out
+    metrics are reduced over ranks too."""
     model_cfg = ModelConfig(model_name_or_path=model_dir)
     single_process("dpo", tmp_path / "one", model_cfg, dataset_name=pairs, eval_dataset_name=heldout,
                    per_device_train_batch_size=8)
-    torchrun("dpo", {"model": model_dir, "dataset": pairs, "eval_dataset": heldout, "output_dir": tmp_path / "two",
-                     "per_device_train_batch_size": 4, **COMMON})
-    assert_same_run(tmp_path / "one", tmp_path / "two", steps=3)
-    before_after_one, before_after_two = eval_records(tmp_path / "one"), eval_records(tmp_path / "two")
-    assert len(before_after_two) == 2
-    for one, two in zip(before_after_one, before_after_two, strict=True):
-        for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_accuracy_ties_half"):
-            assert two[key] == pytest.approx(one[key], rel=TOLERANCE, abs=TOLERANCE), key
+    for parallelism in ("ddp", "fsdp"):
+        torchrun("dpo", {"model": model_dir, "dataset": pairs, "eval_dataset": heldout,
+                         "output_dir": tmp_path / parallelism, "fsdp": parallelism == "fsdp",
+                         "per_device_train_batch_size": 4, **COMMON})
+        assert_same_run(tmp_path / "one", tmp_path / parallelism, steps=3)
+        before_after_one, before_after_two = eval_records(tmp_path / "one"), eval_records(tmp_path / parallelism)
+        assert len(before_after_two) == 2
+        for one, two in zip(before_after_one, before_after_two, strict=True):
+            for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_accuracy_ties_half"):
+                assert two[key] == pytest.approx(one[key], rel=TOLERANCE, abs=TOLERANCE), (parallelism, key)
 
 
 def test_reward_model_two_ranks_equal_one_process(model64_dir, pairs, tmp_path):
@@ -141,16 +144,18 @@ LORA_FLAGS = {"use_peft": True, "lora_r": 4, "lora_alpha": 8, "lora_target_modul
 LORA_SETTINGS = {**COMMON, "rpo_alpha": 0.5, "per_device_train_batch_size": 2, "learning_rate": 5e-3}
 
 
-def test_lora_with_accumulation_and_an_uneven_step(model_dir, pairs, tmp_path):
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_lora_with_accumulation_and_an_uneven_step(model_dir, pairs, tmp_path, parallelism):
     """LoRA, 2 pairs x 2 micro-batches per rank, RPO's NLL term (normalised by the chosen tokens of
     all ranks), the adapter-disabled reference. The last step has 5 pairs: rank 0 runs 2 micro-batches,
-    rank 1 one and an empty (zero-weight) one."""
+    rank 1 one and an empty (zero-weight) one. Under FSDP the frozen base and the adapters share
+    each sharded block."""
     model_cfg = ModelConfig(model_name_or_path=model_dir, use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
                             lora_target_modules=["all-linear"])
     single_process("dpo", tmp_path / "one", model_cfg, dataset_name=pairs,
                    **{**LORA_SETTINGS, "gradient_accumulation_steps": 4})
     torchrun("dpo", {"model": model_dir, "dataset": pairs, "output_dir": tmp_path / "two", "lora_dropout": 0.0,
-                     "gradient_accumulation_steps": 2, **LORA_FLAGS, **LORA_SETTINGS})
+                     "gradient_accumulation_steps": 2, "fsdp": parallelism == "fsdp", **LORA_FLAGS, **LORA_SETTINGS})
     assert_same_run(tmp_path / "one", tmp_path / "two", steps=3)
 
 
