@@ -30,6 +30,59 @@ def token_logprobs_torch(logits: torch.Tensor, labels: torch.Tensor, ignore_inde
     return torch.where(valid, label_logits - lse, 0.0).reshape(labels.shape)
 
 
+class TokenLogprobsFunction(torch.autograd.Function):
+    """`token_logprobs_torch` with a hand-written backward that needs one gradient buffer.
+
+    Autograd through logsumexp and gather keeps several (N, V) temporaries alive in backward
+    (exp(x - lse), its product with g, the scattered one-hot, their sum). Here backward writes
+    g * (onehot - softmax) into the gradient itself, a block of rows at a time, so the peak is the
+    logits plus one buffer of their shape: what the Triton kernel does, in torch, for the CPU.
+    The forward is token_logprobs_torch's (without building a graph).
+    """
+
+    BLOCK_ELEMENTS = 1 << 22  # a block of rows holds about this many logits (16 MiB in float32)
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        vocab = logits.shape[-1]
+        out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        flat_logits = logits.reshape(-1, vocab)
+        flat_labels = labels.reshape(-1)
+        valid = flat_labels != ignore_index
+        safe_labels = torch.where(valid, flat_labels, 0)
+        label_logits = flat_logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1).to(out_dtype)
+        block = max(1, TokenLogprobsFunction.BLOCK_ELEMENTS // vocab)
+        lse = flat_logits.new_zeros(0, dtype=out_dtype) if flat_logits.shape[0] == 0 else torch.cat(
+            [torch.logsumexp(rows.to(out_dtype), dim=-1) for rows in flat_logits.split(block)])
+        ctx.save_for_backward(logits, safe_labels, valid, lse)
+        return torch.where(valid, label_logits - lse, 0.0).reshape(labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, safe_labels, valid, lse = ctx.saved_tensors
+        vocab = logits.shape[-1]
+        flat_logits = logits.reshape(-1, vocab)
+        g = torch.where(valid, grad_out.reshape(-1).to(lse.dtype), 0.0)
+        grad = torch.empty_like(flat_logits)
+        block = max(1, TokenLogprobsFunction.BLOCK_ELEMENTS // vocab)
+        for start in range(0, flat_logits.shape[0], block):
+            rows = slice(start, start + block)
+            # g * (onehot - softmax) in lse's dtype; straight into the gradient when the dtypes agree
+            same_dtype = grad.dtype == lse.dtype
+            target = grad[rows] if same_dtype else None
+            block_grad = torch.sub(flat_logits[rows].to(lse.dtype), lse[rows].unsqueeze(-1), out=target).exp_()
+            block_grad.mul_(-g[rows].unsqueeze(-1))
+            block_grad.scatter_add_(-1, safe_labels[rows].unsqueeze(-1), g[rows].unsqueeze(-1))
+            if not same_dtype:
+                grad[rows] = block_grad
+        return grad.reshape(logits.shape), None, None
+
+
+def token_logprobs_lean(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """token_logprobs_torch's values and gradients, with backward's memory held to one (N, V) buffer."""
+    return TokenLogprobsFunction.apply(logits, labels, ignore_index)
+
+
 # --- log-probs straight from hidden states: lm_head and log-softmax, chunked over tokens ---
 #
 # For hidden states h (N, H), the lm_head weight W (V, H) and labels y (N,):
