@@ -4,6 +4,10 @@ In: a local JSON/JSONL/Parquet/CSV file, a `datasets` directory (`save_to_disk` 
 Dataset or DatasetDict), a directory of data files or a Hub name (`datasets.load_dataset`),
 or a Dataset/DatasetDict object; rows in one of `PREFERENCE_FORMATS`.
 
+A broken file fails with a one-line ValueError naming the file and the line: text that is not
+UTF-8, a JSON Lines line that is not JSON or not an object (the file is scanned only after the
+reader fails, so good files are read once).
+
 Normalised (`load_preference_dataset`): string columns `prompt`, `chosen`, `rejected`
 (responses only; chat templates already applied), plus a float `margin` if the data has one.
 
@@ -18,11 +22,17 @@ left without a response token on either side is dropped and counted in `Tokenize
 Collated (`PreferenceCollator`): one batch for one forward pass, rows
 [chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1}], right-padded: input_ids,
 attention_mask, labels (2B, T) (+ margin (B,)).
+
+Checked against a model (`check_token_ids`): every id below the model's vocabulary size.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import hashlib
+import json
+import logging
 import math
 import os
 import re
@@ -32,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict
 
@@ -82,12 +94,13 @@ def _read_source(source: str | os.PathLike | Dataset | DatasetDict, split: str) 
                 f"{str(path)!r}: unknown data file type {path.suffix!r}; known: {sorted(DATA_FILE_BUILDERS)}"
             )
         # A single file is one split: `split` is not used for it.
-        return _load_local(str(path), builder, data_files=str(path), split="train")
+        return _load_local(path, builder, data_files=str(path), split="train")
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():  # save_to_disk output
             loaded = datasets.load_from_disk(str(path))
             return _pick_split(loaded, split, str(path)) if isinstance(loaded, DatasetDict) else loaded
-        return _load_local(str(path), str(path), split=split)  # a folder of data files, read like a Hub repo
+        # A folder of data files, read like a Hub repo.
+        return _load_local(path, str(path), split=split)
     name = str(source)
     if path.suffix.lower() in DATA_FILE_BUILDERS or not _HUB_NAME.match(name):
         raise FileNotFoundError(f"dataset file or directory not found: {name!r}")
@@ -100,15 +113,190 @@ def _read_source(source: str | os.PathLike | Dataset | DatasetDict, split: str) 
         ) from err
 
 
-def _load_local(where: str, *args: Any, **kwargs: Any) -> Dataset:
-    """datasets.load_dataset on local data, with a clear error for a file or folder without rows."""
+def _load_local(path: Path, *args: Any, **kwargs: Any) -> Dataset:
+    """datasets.load_dataset on a local file or folder, with a clear error for no rows or a broken file.
+
+    When datasets fails, the file (or the folder's JSON/JSONL/CSV files) is scanned for the first
+    line that is not UTF-8 or not a JSON object, and that line is named; the scan runs only then,
+    so a good file is read once.
+    """
+    where = str(path)
     try:
-        return datasets.load_dataset(*args, **kwargs)
+        with _builder_logs_silenced():
+            return datasets.load_dataset(*args, **kwargs)
     except StopIteration as err:  # the json reader finding no record at all
         raise ValueError(f"dataset {where!r} is empty (no rows)") from err
-    except ValueError as err:  # what datasets raises for a split with no rows
-        if "corresponds to no data" in str(err):
+    except Exception as err:
+        if isinstance(err, ValueError) and "corresponds to no data" in str(err):  # a split with no rows
             raise ValueError(f"dataset {where!r} is empty (no rows)") from err
+        files = [path] if path.is_file() else _text_data_files(path)
+        problem = next((found for found in map(_file_problem, files) if found), None)
+        if problem is not None:
+            raise ValueError(problem) from err
+        # DatasetGenerationError says nothing of the cause, and Arrow's errors do not name the file.
+        if isinstance(err, (datasets.exceptions.DatasetGenerationError, pa.ArrowException)):
+            raise ValueError(f"cannot read {where!r}: {_root_cause(err)}") from err
+        raise
+
+
+@contextlib.contextmanager
+def _builder_logs_silenced() -> Any:
+    """Mute datasets' file readers (packaged_modules), which log an error before raising it: the
+    error raised here names the problem instead, in one line (the original stays chained)."""
+    readers = logging.getLogger("datasets.packaged_modules")
+    level = readers.level
+    readers.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        readers.setLevel(level)
+
+
+def _root_cause(error: BaseException) -> str:
+    """'Type: first line' of the innermost exception in the chain of causes."""
+    for _ in range(20):  # a chain is short; the bound only guards against a cycle
+        inner = error.__cause__ or error.__context__
+        if inner is None:
+            break
+        error = inner
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+# ------------------------------------------------------------------ broken data files
+
+_SCANNED_SUFFIXES = (".json", ".jsonl", ".csv")
+_JSON_WHITESPACE = " \t\r\n"
+
+
+def _text_data_files(folder: Path) -> list[Path]:
+    """The JSON/JSONL/CSV files under a folder (not hidden ones), in name order."""
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in _SCANNED_SUFFIXES
+        and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+
+
+def _file_problem(path: Path) -> str | None:
+    """The first problem of a local JSON/JSONL/CSV file as a message naming the file and line, or None.
+
+    Finds text that is not UTF-8 (any of the three) and, in JSON files, a line that is not valid
+    JSON or not an object ("line 17: ..."; 1-based, counting every line, blank ones included).
+    A .jsonl file, or a .json file whose first line is a whole object, is read as JSON Lines;
+    any other .json file as one JSON document (an array of objects).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in _SCANNED_SUFFIXES:
+        return None
+    if suffix == ".csv":
+        with path.open("rb") as file:
+            return next(filter(None, (_utf8_problem(path, *line) for line in _numbered_lines(file))), None)
+    if suffix == ".json" and not _starts_like_json_lines(path):
+        return _json_document_problem(path)
+    return _json_lines_problem(path)
+
+
+def _starts_like_json_lines(path: Path) -> bool:
+    """Whether a .json file reads as JSON Lines: its first non-blank line is a whole JSON object."""
+    with path.open("rb") as file:
+        for raw, _, _ in _numbered_lines(file):
+            text = raw.decode("utf-8", errors="replace").strip(_JSON_WHITESPACE)
+            if text:
+                try:
+                    return isinstance(json.loads(text), dict)
+                except json.JSONDecodeError:
+                    return False
+    return True
+
+
+def _numbered_lines(file: Any) -> Any:
+    """(raw line without a leading BOM, 1-based line number, byte offset of the line) for a binary file."""
+    offset = 0
+    for number, raw in enumerate(file, start=1):  # a binary file splits on b"\n" only, as JSON Lines does
+        bom = len(codecs.BOM_UTF8) if number == 1 and raw.startswith(codecs.BOM_UTF8) else 0
+        yield raw[bom:], number, offset + bom
+        offset += len(raw)
+
+
+def _utf8_problem(path: Path, data: bytes, line: int, offset: int) -> str | None:
+    """Where `data` (starting at `line`, byte `offset` of the file) is not UTF-8, or None."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line += data.count(b"\n", 0, err.start)
+        return (
+            f"{path} line {line} (byte offset {offset + err.start}): not UTF-8 text (byte "
+            f"0x{data[err.start]:02x}: {err.reason}); save the file as UTF-8"
+        )
+    return None
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+
+
+def _json_error(err: json.JSONDecodeError) -> str:
+    return err.msg.removesuffix(" at")  # "Invalid control character at" is followed by a position in str(err)
+
+
+def _json_lines_problem(path: Path) -> str | None:
+    with path.open("rb") as file:
+        for raw, number, offset in _numbered_lines(file):
+            problem = _utf8_problem(path, raw, number, offset)
+            if problem is not None:
+                return problem
+            text = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")  # columns count within the line
+            if not text.strip(_JSON_WHITESPACE):  # blank lines are skipped by the reader
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as err:
+                return f"{path} line {number} column {err.colno}: not valid JSON: {_json_error(err)}"
+            if not isinstance(value, dict):
+                return (
+                    f"{path} line {number}: each line must be a JSON object {{...}} (one row), "
+                    f"got {_json_kind(value)}"
+                )
+    return None
+
+
+def _json_document_problem(path: Path) -> str | None:
+    """A .json file holding one array of row objects."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    problem = _utf8_problem(path, data, 1, 0)
+    if problem is not None:
+        return problem
+    try:
+        rows = json.loads(data.decode("utf-8"))
+    except json.JSONDecodeError as err:
+        return f"{path} line {err.lineno} column {err.colno}: not valid JSON: {_json_error(err)}"
+    if isinstance(rows, list):
+        for position, row in enumerate(rows):
+            if not isinstance(row, dict):
+                return (
+                    f"{path}: item {position} of the JSON array must be an object {{...}} (one row), "
+                    f"got {_json_kind(row)}"
+                )
+    return None
+
+
+@contextlib.contextmanager
+def _blame_the_file(source: Any) -> Any:
+    """On a row error from a local file, name the file's broken line instead when it has one.
+
+    The JSON reader takes a `null` line as a row of missing fields; the scan names the line.
+    """
+    try:
+        yield
+    except ValueError as err:
+        if isinstance(source, (str, os.PathLike)) and Path(source).expanduser().is_file():
+            problem = _file_problem(Path(source).expanduser())
+            if problem is not None:
+                raise ValueError(problem) from err
         raise
 
 
@@ -353,24 +541,27 @@ def load_preference_dataset(
         ValueError: unknown format, missing columns (the message lists the columns found and
             the formats known), an empty dataset, or a row whose field is missing (None) or
             of the wrong type (the message names the row index and the field). Bad rows are
-            never dropped silently.
+            never dropped silently. A file that cannot be read: text that is not UTF-8, a
+            line that is not JSON or not a JSON object (the message names the file, the
+            1-based line and the problem), or whatever else the reader reports ("cannot read").
     """
     dataset = _read_source(source, split)
     _require_rows(dataset, f"dataset {str(source)!r}" if not isinstance(source, Dataset) else "the dataset")
     format = _resolve_format(dataset, format, PREFERENCE_FORMATS)
     has_margin = "margin" in dataset.column_names
-    normalised = dataset.map(
-        _normalise_row,
-        with_indices=True,
-        fn_kwargs={
-            "format": format,
-            "tokenizer": tokenizer,
-            "has_margin": has_margin,
-            "code_version": _CODE_VERSION,
-        },
-        remove_columns=dataset.column_names,
-        desc=f"Normalising {format} preference data",
-    )
+    with _blame_the_file(source):
+        normalised = dataset.map(
+            _normalise_row,
+            with_indices=True,
+            fn_kwargs={
+                "format": format,
+                "tokenizer": tokenizer,
+                "has_margin": has_margin,
+                "code_version": _CODE_VERSION,
+            },
+            remove_columns=dataset.column_names,
+            desc=f"Normalising {format} preference data",
+        )
     return normalised.select_columns(["prompt", "chosen", "rejected"] + (["margin"] if has_margin else []))
 
 
@@ -391,16 +582,17 @@ def load_prompt_dataset(
     dataset = _read_source(source, split)
     _require_rows(dataset, f"dataset {str(source)!r}" if not isinstance(source, Dataset) else "the dataset")
     format = _resolve_format(dataset, format, PROMPT_FORMATS)
-    if format != "prompt":
-        pairs = load_preference_dataset(dataset, format=format, tokenizer=tokenizer)
-        return pairs.select_columns(["prompt"])
-    return dataset.map(
-        _normalise_prompt_row,
-        with_indices=True,
-        fn_kwargs={"tokenizer": tokenizer, "code_version": _CODE_VERSION},
-        remove_columns=dataset.column_names,
-        desc="Normalising prompts",
-    )
+    with _blame_the_file(source):
+        if format != "prompt":
+            pairs = load_preference_dataset(dataset, format=format, tokenizer=tokenizer)
+            return pairs.select_columns(["prompt"])
+        return dataset.map(
+            _normalise_prompt_row,
+            with_indices=True,
+            fn_kwargs={"tokenizer": tokenizer, "code_version": _CODE_VERSION},
+            remove_columns=dataset.column_names,
+            desc="Normalising prompts",
+        )
 
 
 # ------------------------------------------------------------------------ tokenization
@@ -615,6 +807,58 @@ def tokenize_preference_dataset(
         )
     tokenized = tokenized.remove_columns(list(_FLAGS))
     return tokenized, stats
+
+
+_TOKEN_ID_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+
+
+def check_token_ids(dataset: Dataset, vocab_size: int, *, what: str = "dataset") -> None:
+    """Raise ValueError if a token id of a tokenized preference dataset is not an id of the model.
+
+    Reads the columns chosen/rejected_input_ids and chosen/rejected_labels (those present) of
+    the output of `tokenize_preference_dataset` with Arrow, 8192 rows at a time, so 100k rows
+    take well under a second. Every id must lie in [0, vocab_size); labels may also be -100.
+    An id outside means the data was tokenized with a tokenizer the model does not match (an
+    embedding lookup would fail or, on GPU, read out of bounds).
+
+    Args:
+        dataset: a tokenized preference Dataset (any filter or select applied is respected;
+            the row reported is its index in `dataset`).
+        vocab_size: the number of rows of the model's input embedding, e.g.
+            `model.get_input_embeddings().num_embeddings`.
+        what: how the message names the dataset, e.g. "train dataset".
+
+    Raises:
+        ValueError: vocab_size is not a positive int, the dataset has no input_ids column, or
+            an id is out of range (the message names the row, the column, the id and vocab_size).
+    """
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    columns = [column for column in _TOKEN_ID_COLUMNS if column in dataset.column_names]
+    if not any(column.endswith("_input_ids") for column in columns):
+        raise ValueError(
+            f"{what} has no chosen_input_ids / rejected_input_ids columns (found {dataset.column_names}); "
+            "use tokenize_preference_dataset"
+        )
+    batch_size = 8192
+    arrow = dataset.with_format("arrow")
+    for start in range(0, len(dataset), batch_size):
+        batch = arrow[start : start + batch_size]
+        for column in columns:
+            lists = batch[column].combine_chunks()  # list<int> of one Arrow array
+            ids = pc.list_flatten(lists)
+            outside = pc.or_(pc.less(ids, 0), pc.greater_equal(ids, vocab_size))
+            if column.endswith("_labels"):
+                outside = pc.and_(outside, pc.not_equal(ids, IGNORE_INDEX))
+            if not pc.any(outside).as_py():
+                continue
+            position = pc.index(outside, True).as_py()
+            row = start + pc.list_parent_indices(lists)[position].as_py()
+            raise ValueError(
+                f"{what}: row {row} has token id {ids[position].as_py()} in {column}, outside the model's "
+                f"vocabulary of {vocab_size} ids (0..{vocab_size - 1}); the tokenizer does not seem to "
+                "belong to this model (tokenize with the model's own tokenizer)"
+            )
 
 
 # --------------------------------------------------------------------------- collation

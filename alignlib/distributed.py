@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +103,25 @@ def main_process_first(processes: Processes) -> Iterator[None]:
     yield
     if processes.is_main:
         barrier(processes)
+
+
+def run_on_main(fn: Callable[[], object], processes: Processes) -> None:
+    """Run `fn` on rank 0 only (e.g. write a checkpoint); the other ranks wait for it, and if it
+    raises, every rank raises (rank 0 its own error, the others an OSError quoting it), so that
+    no rank is left waiting at the next collective."""
+    error: BaseException | None = None
+    if processes.is_main:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - reported to the other ranks, then re-raised
+            error = exc
+    if processes.distributed:
+        message = [f"{type(error).__name__}: {error}" if error is not None else None]
+        dist.broadcast_object_list(message, src=0)
+        if error is None and message[0] is not None:
+            raise OSError(f"rank 0 failed while this rank waited: {message[0]}")
+    if error is not None:
+        raise error
 
 
 def sum_across(values: dict[str, float], processes: Processes) -> dict[str, float]:

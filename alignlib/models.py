@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
 import importlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -562,15 +564,22 @@ def save_model(model: Any, tokenizer: Any, output_dir: str | os.PathLike, *, mer
     is_peft = _is_peft_model(model)
     if merge_adapter and not is_peft:
         raise ValueError("merge_adapter=True needs a peft model; this model has no adapter to merge")
-    with atomic_directory(output_dir) as tmp:
-        if merge_adapter:
-            _merged_copy(model, tmp).save_pretrained(tmp)
-        else:
-            model.save_pretrained(tmp)
-            if is_peft and _is_quantized(model.get_base_model()):
-                (tmp / BASE_QUANTIZATION_FILE).write_text(json.dumps(_quantization_dict(model.get_base_model())))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+    from safetensors import SafetensorError
+
+    try:
+        with atomic_directory(output_dir) as tmp:
+            if merge_adapter:
+                _merged_copy(model, tmp).save_pretrained(tmp)
+            else:
+                model.save_pretrained(tmp)
+                if is_peft and _is_quantized(model.get_base_model()):
+                    (tmp / BASE_QUANTIZATION_FILE).write_text(json.dumps(_quantization_dict(model.get_base_model())))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    except SafetensorError as exc:  # e.g. a full disk: safetensors reports "... (os error 28)", not an OSError
+        code = re.search(r"os error (\d+)", str(exc))
+        raise OSError(int(code.group(1)) if code else errno.EIO,
+                      f"could not save the model in {output_dir}: {exc}") from exc
     return output_dir
 
 
@@ -682,8 +691,28 @@ def load_for_generation(path: str | os.PathLike, *, dtype: str = "auto",
             raise
         raise ValueError(f"the adapter in {path} was saved for a different base model than {base_path}: "
                          f"{mismatch}") from None
+    _require_matching_adapter_keys(model, Path(path), base_path)
     tokenizer_path = path if _has_tokenizer(path) else base_path
     return model.eval(), load_tokenizer(tokenizer_path) if _has_tokenizer(tokenizer_path) else None
+
+
+def _require_matching_adapter_keys(model: Any, adapter_dir: Path, base_path: str) -> None:
+    """peft loads adapter weights non-strictly: weights for layers the base lacks are dropped and
+    layers the file lacks keep a fresh adapter. Refuse both (the model would not be the one trained)."""
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    weights_file = adapter_dir / "adapter_model.safetensors"
+    if not weights_file.is_file():  # an older .bin adapter: peft's own checks only
+        return
+    with safe_open(str(weights_file), framework="pt") as handle:
+        saved = set(handle.keys())
+    expected = set(get_peft_model_state_dict(model))
+    if saved != expected:
+        extra, missing = sorted(saved - expected), sorted(expected - saved)
+        raise ValueError(f"the adapter in {adapter_dir} was saved for a different base model than {base_path}: "
+                         f"{len(extra)} adapter weights have no place in this base (e.g. {extra[:1]}), "
+                         f"{len(missing)} of its adapter weights are not in the file (e.g. {missing[:1]})")
 
 
 def _has_tokenizer(path: str) -> bool:

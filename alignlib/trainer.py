@@ -37,16 +37,17 @@ import torch
 
 from alignlib.data import (
     PreferenceCollator,
+    check_token_ids,
     load_preference_dataset,
     pad_token_id_for,
     tokenize_preference_dataset,
 )
 from alignlib.distributed import (
     Processes,
-    barrier,
     gather_objects,
     main_process_first,
     no_sync,
+    run_on_main,
     shard,
     sum_across,
     sum_tensor,
@@ -454,6 +455,10 @@ def _train(objective: str, cfg: TrainConfig, model_cfg: ModelConfig, processes: 
         model = load_reward_model(model_cfg, tokenizer=tokenizer, gradient_checkpointing=cfg.gradient_checkpointing)
     else:
         model = load_causal_lm(model_cfg, gradient_checkpointing=cfg.gradient_checkpointing)
+    vocab_size = model.get_input_embeddings().num_embeddings
+    check_token_ids(train_set, vocab_size, what="train dataset")
+    if eval_set is not None:
+        check_token_ids(eval_set, vocab_size, what="eval dataset")
     device = _place(model, processes)
     collator = PreferenceCollator(pad_token_id_for(tokenizer), for_reward_model=objective == "reward")
     fused_lora_off = _maybe_fuse_lora(model, cfg)
@@ -485,10 +490,13 @@ def _train(objective: str, cfg: TrainConfig, model_cfg: ModelConfig, processes: 
                                num_warmup_steps=cfg.warmup_steps or None,
                                warmup_ratio=None if cfg.warmup_steps else cfg.warmup_ratio)
 
+    def fresh():
+        return _fresh_model(objective, model_cfg, tokenizer)
+
     start_step = 0
     checkpoint = _checkpoint_to_resume(cfg)
     if checkpoint is not None:
-        start_step = _resume(checkpoint, model, optimizer, scheduler, cfg, processes)
+        start_step = _resume(checkpoint, model, optimizer, scheduler, cfg, processes, fresh)
         if main:
             print(f"resumed from {checkpoint} at step {start_step}", flush=True)
     logger = MetricsLogger(output_dir, resume_step=start_step if checkpoint is not None else None)
@@ -574,7 +582,7 @@ def _train(objective: str, cfg: TrainConfig, model_cfg: ModelConfig, processes: 
                 logger.log({f"eval_{k}": v for k, v in evaluate_now().items()}, step=done, epoch=epoch)
                 model.train()
             if cfg.save_steps and done % cfg.save_steps == 0 and done != total_steps:
-                _save_checkpoint(output_dir, done, model, optimizer, scheduler, epoch, objective, cfg, processes)
+                _save_checkpoint(output_dir, done, model, optimizer, scheduler, epoch, objective, cfg, processes, fresh)
 
     eval_after = evaluate_now() if eval_set is not None else {}
     if eval_after:
@@ -582,13 +590,11 @@ def _train(objective: str, cfg: TrainConfig, model_cfg: ModelConfig, processes: 
     if fused_lora_off is not None:
         fused_lora_off()
     model_dir = output_dir / "final"
-    saved = _gathered_copy(model, objective, model_cfg, tokenizer, processes) if cfg.fsdp else model
-    if main:
-        save_model(saved, tokenizer, model_dir, merge_adapter=cfg.merge_adapter)
-        if cfg.plot:
-            logger.plot(output_dir / "training_curves.png", keys=_plot_keys(objective, logger.path))
+    saved = _gathered_copy(model, fresh, processes) if cfg.fsdp else model
+    run_on_main(lambda: save_model(saved, tokenizer, model_dir, merge_adapter=cfg.merge_adapter), processes)
+    if main and cfg.plot:
+        logger.plot(output_dir / "training_curves.png", keys=_plot_keys(objective, logger.path))
     logger.close()
-    barrier(processes)
     return TrainResult(output_dir, model_dir, total_steps, eval_before, eval_after, time.perf_counter() - started)
 
 
@@ -641,34 +647,79 @@ def _decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
-def _gathered_copy(model, objective: str, model_cfg: ModelConfig, tokenizer, processes: Processes):
-    """FSDP: the sharded model's full weights, gathered (every rank takes part) into a fresh unsharded
-    copy on rank 0's CPU, to be saved; None on the other ranks."""
+def _fresh_model(objective: str, model_cfg: ModelConfig, tokenizer):
+    """An unsharded model built as the trained one was (on the CPU): the vessel for FSDP's full weights.
+
+    Building it draws random numbers (the LoRA initialisation); the random state is put back, so a
+    checkpoint save does not change the run's dropout masks.
+    """
+    with torch.random.fork_rng():
+        if objective == "reward":
+            return load_reward_model(model_cfg, tokenizer=tokenizer)
+        return load_causal_lm(model_cfg)
+
+
+def _gathered_copy(model, fresh, processes: Processes):
+    """FSDP: the sharded model's full weights, gathered (every rank takes part) into `fresh()` on
+    rank 0; None on the other ranks."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not processes.is_main:
         return None
-    copy = (load_reward_model(model_cfg, tokenizer=tokenizer) if objective == "reward"
-            else load_causal_lm(model_cfg))
+    copy = fresh()
     copy.load_state_dict(full)
     return copy
 
 
+class _HeldState:
+    """Stands in for the optimizer in save_checkpoint/load_checkpoint under FSDP: holds the full
+    optimizer state dict gathered from (or to be sharded back onto) the ranks."""
+
+    def __init__(self, state: dict | None = None) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict | None:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
+
+
 def _save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, epoch: float, objective: str,
-                     cfg: TrainConfig, processes: Processes) -> None:
-    """Every rank calls this: their RNG states are gathered, rank 0 writes, the others wait for it."""
+                     cfg: TrainConfig, processes: Processes, fresh) -> None:
+    """Every rank calls this: their RNG states are gathered (and under FSDP the full weights and
+    optimizer state), rank 0 writes, the others wait for it."""
     rng_states = gather_objects(rng_state(), processes)
-    save_checkpoint(output_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                    data_state={"step": step, "seed": cfg.seed, "world_size": processes.world_size},
-                    metadata={"objective": objective}, save_total_limit=cfg.save_total_limit,
-                    extra_state={"rank_rng_states": rng_states})
-    barrier(processes)
+    if cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        full_optimizer = get_optimizer_state_dict(model, optimizer,
+                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        model, optimizer = _gathered_copy(model, fresh, processes), _HeldState(full_optimizer)
+    run_on_main(lambda: save_checkpoint(
+        output_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+        data_state={"step": step, "seed": cfg.seed, "world_size": processes.world_size},
+        metadata={"objective": objective}, save_total_limit=cfg.save_total_limit,
+        extra_state={"rank_rng_states": rng_states}), processes)
 
 
-def _resume(checkpoint: Path, model, optimizer, scheduler, cfg: TrainConfig, processes: Processes) -> int:
+def _resume(checkpoint: Path, model, optimizer, scheduler, cfg: TrainConfig, processes: Processes, fresh) -> int:
     """Load `checkpoint` on every rank; returns the step it was saved at."""
-    state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    if cfg.fsdp:  # read the full state into an unsharded copy, then shard it onto this rank
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        copy, held = fresh(), _HeldState()
+        state = load_checkpoint(checkpoint, copy, held, scheduler)
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, copy.state_dict(), options=full)
+        set_optimizer_state_dict(model, optimizer, held.state, options=full)
+    else:
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
     saved_world = state["data_state"].get("world_size", 1)
     if saved_world != processes.world_size:
         raise ValueError(f"checkpoint {checkpoint} was saved by {saved_world} process(es), this run has "

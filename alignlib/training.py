@@ -23,7 +23,9 @@ A checkpoint directory, `output_dir/checkpoint-{step}/`, holds
 
 It is written into a hidden temporary directory, every file fsynced, then renamed into place
 in one `os.replace`; only then is `output_dir/latest` (a one-line pointer) rewritten. A
-checkpoint without a manifest that matches its files is never loaded.
+checkpoint without a manifest that matches its files is never loaded. Killed at any point, a
+save leaves the previous checkpoints loadable (tests/reliability/test_faults.py kills it at
+each stage); the hidden temporaries it leaves are removed by the next successful save.
 """
 
 from __future__ import annotations
@@ -269,13 +271,28 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(directory)
 
 
+def _umask() -> int:
+    """The process umask, read from /proc where it can be (os.umask can only be read by setting it)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same directory and os.replace."""
+    """Write `text` to `path` through a temporary file in the same directory and os.replace.
+
+    The file gets the usual permissions (0o666 less the umask), not mkstemp's private 0o600.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -290,26 +307,49 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh hidden directory next to `target`; on success it replaces `target`.
 
     Everything written inside is fsynced, then the directory is renamed onto `target` (an
-    existing `target` is moved aside first and removed after). On any error the temporary
-    directory is removed and `target` is left as it was.
+    existing `target` is moved aside first, and removed after; put back if the rename fails).
+    On any error the temporary directory is removed (where the filesystem still allows it; a
+    crash or a read-only filesystem can leave it behind, and `save_checkpoint` clears its own on
+    its next success) and `target` is left as it was. The directory gets the usual permissions
+    (0o777 less the umask), not mkdtemp's private 0o700.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    aside = None
     try:
+        tmp.chmod(0o777 & ~_umask())
         yield tmp
         _fsync_tree(tmp)
-        old = None
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
+            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)) / target.name
+            os.replace(target, aside)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if aside is not None and aside.exists() and not target.exists():
+            with contextlib.suppress(OSError):
+                os.replace(aside, target)
         shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None:
+            shutil.rmtree(aside.parent, ignore_errors=True)
         raise
+    if aside is not None:
+        shutil.rmtree(aside.parent, ignore_errors=True)
+
+
+def _remove_stale_temporaries(directory: Path, pattern: str) -> None:
+    """Delete the hidden temporaries (files or directories) in `directory` whose names match the
+    regular expression `pattern`: what a killed save, or one on a filesystem that had turned
+    read-only, left behind. Only call it where no save into `directory` runs at the same time."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in directory.iterdir():
+            if re.match(pattern, entry.name):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        entry.unlink()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,9 +454,14 @@ def save_checkpoint(
             RNG states of every rank of a distributed run); `load_checkpoint` returns it as
             state["extra_state"].
 
-    Returns the checkpoint directory. Raises OSError (with errno kept, the directory named)
-    when the write fails; the previous checkpoints and `latest` are then untouched and the
-    temporary directory is removed.
+    Returns the checkpoint directory.
+
+    Raises OSError when the write fails (disk full, read-only or vanished directory...): errno
+    kept, the message names the checkpoint, the directory and the checkpoint `latest` still
+    points to. The previous checkpoints and `latest` are untouched; the temporary directory is
+    removed, or, where the filesystem no longer allows that, by the next successful save (which
+    also clears what a killed save left). If only the `latest` pointer could not be rewritten,
+    the new checkpoint is complete and the error says so.
     """
     output_dir = Path(output_dir)
     target = output_dir / f"{CHECKPOINT_PREFIX}{step}"
@@ -435,14 +480,14 @@ def save_checkpoint(
 
     try:
         with atomic_directory(target) as tmp:
-            torch.save(trainable_state_dict(model), tmp / "model.pt")
+            _torch_save(trainable_state_dict(model), tmp / "model.pt")
             if optimizer is not None:
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
             if scheduler is not None:
-                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(rng_state(), tmp / "rng_state.pt")
+                _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+            _torch_save(rng_state(), tmp / "rng_state.pt")
             if extra_state is not None:
-                torch.save(extra_state, tmp / "extra_state.pt")
+                _torch_save(extra_state, tmp / "extra_state.pt")
             (tmp / "trainer_state.json").write_text(trainer_state_text)
             files = {
                 path.name: {"size": path.stat().st_size, "sha256": _sha256(path)}
@@ -450,27 +495,55 @@ def save_checkpoint(
             }
             manifest = {"format": 1, "step": step, "files": files}
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    except OSError as exc:
+        previous = _read_latest(output_dir)
+        kept = f"; {previous} is still the latest checkpoint" if previous else ""
+        raise OSError(exc.errno or errno.EIO,
+                      f"could not save checkpoint {target.name} in {output_dir}: {exc.strerror or exc}{kept}") from exc
+    try:
         _write_text_atomic(output_dir / LATEST_FILE, target.name + "\n")
     except OSError as exc:
-        raise OSError(
-            exc.errno or errno.EIO,
-            f"could not save checkpoint {target.name} in {output_dir}: {exc.strerror or exc}",
-            str(output_dir),
-        ) from exc
+        raise OSError(exc.errno or errno.EIO,
+                      f"checkpoint {target.name} was saved in {output_dir}, but the {LATEST_FILE} pointer "
+                      f"could not be updated: {exc.strerror or exc}") from exc
+    _remove_stale_temporaries(output_dir, rf"^\.({CHECKPOINT_PREFIX}\d+|{LATEST_FILE})\.(tmp|old)-")
     if save_total_limit is not None:
         _rotate_checkpoints(output_dir, save_total_limit, keep=target)
     return target
 
 
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save, with a failed write raised as the OSError it is.
+
+    Given a path, torch's C++ writer reports a full disk as RuntimeError("unexpected pos ...")
+    and drops the errno. Through a Python file object the OSError of the write surfaces, though
+    torch may still wrap it in a RuntimeError from closing its archive; it is unwrapped here.
+    """
+    with open(path, "wb") as handle:
+        try:
+            torch.save(obj, handle)
+        except RuntimeError as exc:
+            cause = exc.__cause__ or exc.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise OSError(cause.errno, cause.strerror or str(cause)) from exc
+
+
+def _read_latest(output_dir: Path) -> str | None:
+    """The checkpoint name the `latest` pointer holds, or None."""
+    try:
+        return (output_dir / LATEST_FILE).read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def _rotate_checkpoints(output_dir: Path, save_total_limit: int, keep: Path) -> None:
-    """Delete the oldest checkpoints beyond `save_total_limit` (never `keep`), and temp dirs
-    that crashed saves left behind."""
+    """Delete the oldest checkpoints beyond `save_total_limit` (never `keep`)."""
     checkpoints = [path for _, path in _checkpoint_dirs(output_dir) if path != keep]
     for path in checkpoints[: max(0, len(checkpoints) + 1 - save_total_limit)]:
         shutil.rmtree(path, ignore_errors=True)
-    for entry in output_dir.iterdir():
-        if entry.is_dir() and re.match(rf"^\.{CHECKPOINT_PREFIX}\d+\.(tmp|old)-", entry.name):
-            shutil.rmtree(entry, ignore_errors=True)
 
 
 def validate_checkpoint(path: str | os.PathLike, *, verify_hashes: bool = True) -> str | None:
@@ -623,15 +696,30 @@ class MetricsLogger:
         kept = []
         if resume_step is not None and self.path.exists():
             kept = [record for record in read_metrics(self.path) if record.get("step", 0) <= resume_step]
-        _write_text_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
-        self._handle = open(self.path, "a")  # noqa: SIM115 - kept open for the run, closed in close()
+        _remove_stale_temporaries(self.path.parent, rf"^\.{re.escape(self.path.name)}\.tmp-")  # a killed rewrite
+        try:
+            _write_text_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
+            self._handle = open(self.path, "a")  # noqa: SIM115 - kept open for the run, closed in close()
+        except OSError as exc:
+            raise OSError(exc.errno or errno.EIO, f"could not write metrics to {self.path}: {exc.strerror or exc}") from exc
 
     def log(self, metrics: Mapping[str, Any], *, step: int, epoch: float | None = None) -> dict[str, Any]:
-        """Write one record; tensors and numpy scalars become numbers. Returns the record."""
+        """Write one record; tensors and numpy scalars become numbers. Returns the record.
+
+        The line goes out in one write and is flushed at once: a process killed meanwhile leaves
+        at most that line torn, which `read_metrics` skips and a resumed logger drops.
+        """
         record = {"step": step, "epoch": epoch, **{key: _to_number(value) for key, value in metrics.items()}}
         if self._handle is not None:
-            self._handle.write(json.dumps(record) + "\n")
-            self._handle.flush()
+            try:
+                self._handle.write(json.dumps(record) + "\n")
+                self._handle.flush()
+            except OSError as exc:  # close now: a later flush of the stuck buffer would only fail again
+                handle, self._handle = self._handle, None
+                with contextlib.suppress(OSError):
+                    handle.close()
+                raise OSError(exc.errno or errno.EIO, f"could not write the metrics of step {step} to {self.path}: "
+                              f"{exc.strerror or exc}") from exc
         return record
 
     def close(self) -> None:

@@ -159,11 +159,13 @@ def test_lora_with_accumulation_and_an_uneven_step(model_dir, pairs, tmp_path, p
     assert_same_run(tmp_path / "one", tmp_path / "two", steps=3)
 
 
-def test_resume_on_two_ranks_continues_each_ranks_dropout(model_dir, pairs, tmp_path):
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_resume_on_two_ranks_continues_each_ranks_dropout(model_dir, pairs, tmp_path, parallelism):
     """With LoRA dropout on, each rank draws its own masks; a run resumed from its step-2 checkpoint
-    restores every rank's RNG state and ends with the adapter of the uninterrupted run."""
+    restores every rank's RNG state and ends with the adapter of the uninterrupted run. Under FSDP
+    the checkpoint holds the full (gathered) weights and optimizer state, sharded again on resume."""
     flags = {"model": model_dir, "dataset": pairs, "lora_dropout": 0.1, "gradient_accumulation_steps": 2,
-             **LORA_FLAGS, **LORA_SETTINGS}
+             "fsdp": parallelism == "fsdp", **LORA_FLAGS, **LORA_SETTINGS}
     torchrun("dpo", {**flags, "output_dir": tmp_path / "full", "save_steps": 2})
     assert (tmp_path / "full" / "checkpoint-2").is_dir()
     torchrun("dpo", {**flags, "output_dir": tmp_path / "resumed",

@@ -382,12 +382,11 @@ def test_disk_full_during_a_save_cleans_up_and_keeps_the_previous_checkpoint(tmp
     before = directory_snapshot(tmp_path)
     real_save = torch.save
 
-    def fill_disk(obj, path, *args, **kwargs):
-        if str(path).endswith("optimizer.pt"):  # model.pt is written, then the disk is full
-            with open(path, "wb") as handle:
-                handle.write(b"\0" * 10)
+    def fill_disk(obj, handle, *args, **kwargs):  # save_checkpoint gives torch.save an open file
+        if handle.name.endswith("optimizer.pt"):  # model.pt is written, then the disk is full
+            handle.write(b"\0" * 10)
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, path, *args, **kwargs)
+        return real_save(obj, handle, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", fill_disk)
     with pytest.raises(OSError, match=rf"checkpoint-2 in {tmp_path}: No space left on device") as info:
