@@ -179,6 +179,34 @@ def add_ratios(rows: list[Row], baseline_impl: str) -> list[Row]:
     return rows
 
 
+OURS_PREFIX = "alignlib"  # rows whose implementation name starts with this are alignlib's
+BEHIND_MARGIN = 1.05  # a peer must be more than 5% faster (or smaller) for alignlib to count as behind
+
+
+def behind(rows: list[Row]) -> dict[int, str]:
+    """For each alignlib row (by index): which peers beat it in the same case and mode, and by how much.
+
+    A peer is ahead in time when alignlib's median is more than BEHIND_MARGIN times the peer's,
+    in memory likewise for the peak. Only rows that ran are compared. The text says it plainly,
+    e.g. "behind: TRL 1.16 in time (1.31x its median)".
+    """
+    notes = {}
+    for index, ours in enumerate(rows):
+        if not ours.impl.startswith(OURS_PREFIX) or ours.median_ms is None:
+            continue
+        lost = []
+        for peer in rows:
+            if peer.case != ours.case or peer.mode != ours.mode or peer.impl.startswith(OURS_PREFIX):
+                continue
+            if peer.median_ms is not None and ours.median_ms > BEHIND_MARGIN * peer.median_ms:
+                lost.append(f"{peer.impl} in time ({ours.median_ms / peer.median_ms:.2f}x its median)")
+            if peer.peak_mib and ours.peak_mib is not None and ours.peak_mib > BEHIND_MARGIN * peer.peak_mib:
+                lost.append(f"{peer.impl} in memory ({ours.peak_mib / peer.peak_mib:.2f}x its peak)")
+        if lost:
+            notes[index] = "behind: " + "; ".join(lost)
+    return notes
+
+
 def environment(device: str) -> dict:
     """Machine, device, library versions and the command line: recorded beside every result."""
     versions = {}
@@ -216,11 +244,15 @@ def markdown_table(rows: list[Row], *, absolute_times: bool) -> str:
     header += ["median ms", "p20-p80 ms"] if absolute_times else []
     header += ["time ratio", "peak MiB", "memory ratio", "note"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
+    behind_notes = behind(rows)
+    for index, r in enumerate(rows):
         cells = [r.case, r.mode, r.impl]
         if absolute_times:
             cells += [_fmt(r.median_ms), f"{_fmt(r.p20_ms)}-{_fmt(r.p80_ms)}" if r.p20_ms is not None else ""]
-        cells += [_fmt(r.time_ratio), _fmt(r.peak_mib, 1), _fmt(r.memory_ratio), r.note]
+        note = "; ".join(part for part in (r.note, behind_notes.get(index, "")) if part)
+        if index in behind_notes:
+            note = f"**{note}**"
+        cells += [_fmt(r.time_ratio), _fmt(r.peak_mib, 1), _fmt(r.memory_ratio), note]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

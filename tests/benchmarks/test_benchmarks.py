@@ -59,6 +59,23 @@ def test_ratios_are_taken_against_the_baseline_of_the_same_case_and_mode():
     assert [r.memory_ratio for r in rows] == [1.0, 0.25, 1.0, 1.0, None]
 
 
+def test_tables_say_where_alignlib_is_behind_a_peer():
+    harness = load_harness()
+    rows = [
+        harness.Row("a", "TRL", "fwd", median_ms=2.0, peak_mib=10.0),
+        harness.Row("a", "alignlib x", "fwd", median_ms=3.0, peak_mib=10.4),  # slower; memory within 5%
+        harness.Row("a", "Liger", "fwd", median_ms=4.0, peak_mib=5.0),  # smaller
+        harness.Row("a", "Unsloth", "fwd", note="not run: needs CUDA"),
+        harness.Row("b", "alignlib x", "fwd", median_ms=1.0, peak_mib=1.0),
+        harness.Row("b", "TRL", "fwd", median_ms=2.0, peak_mib=10.0),
+    ]
+    notes = harness.behind(rows)
+    assert notes == {1: "behind: TRL in time (1.50x its median); Liger in memory (2.08x its peak)"}
+    table = harness.markdown_table(rows, absolute_times=False)
+    assert "**behind: TRL in time (1.50x its median); Liger in memory (2.08x its peak)**" in table.splitlines()[3]
+    assert "behind" not in table.splitlines()[6]
+
+
 @pytest.mark.parametrize("suite", ["losses", "logprobs", "lora", "dpo_step", "orpo_step"])
 def test_suite_runs_at_tiny_sizes_and_writes_its_files(suite, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
