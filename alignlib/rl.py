@@ -31,6 +31,7 @@ import importlib
 import importlib.util
 import math
 import numbers
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -896,6 +897,9 @@ def train_ppo(
     """
     from alignlib.demo import HELDOUT_FILE, TRAIN_FILE
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would run its own PPO into the same output_dir
+        raise ValueError("PPO runs in one process: torchrun / several ranks are supported by the pairwise "
+                         "trainer (dpo, orpo, simpo, cpo, reward) only")
     demo = model_config.model_name_or_path is None
     if demo:
         config, model_config = embedded_default(config, model_config)

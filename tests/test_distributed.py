@@ -183,3 +183,12 @@ def test_resume_on_two_ranks_continues_each_ranks_dropout(model_dir, pairs, tmp_
         single_process("dpo", tmp_path / "wrong", model_cfg, dataset_name=pairs,
                        resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"),
                        **{**LORA_SETTINGS, "gradient_accumulation_steps": 4})
+
+
+def test_ppo_refuses_to_run_on_several_ranks(monkeypatch, tmp_path):
+    """PPO has no data parallelism: under torchrun every rank would train its own copy into one output_dir."""
+    from alignlib.rl import PPOConfig, train_ppo
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="PPO runs in one process"):
+        train_ppo(PPOConfig(output_dir=str(tmp_path)), ModelConfig())
