@@ -53,24 +53,66 @@ def token_logprobs(
 
     Returns:
         (...) log-probs in float32 (float64 for float64 logits).
+
+    Raises:
+        ValueError for a label outside [0, V) that is not ignore_index, naming the id, its
+        position in `labels` and V (a kernel would otherwise read out of bounds).
     """
+    _check_logits_and_labels(logits, labels)
+    _check_labels(labels, logits.shape[-1], ignore_index, "logits.shape[-1]")
+    return _token_logprobs(logits, labels, ignore_index, backend)
+
+
+def _token_logprobs(logits, labels, ignore_index, backend):
+    """token_logprobs past its checks: picks the backend."""
+    if _use_triton(logits, backend):
+        return _token_logprobs_triton(logits, labels, ignore_index)
+    return _token_logprobs_torch(logits, labels, ignore_index)
+
+
+def _check_logits_and_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}")
+    _check_label_dtype(labels)
     if logits.dim() < 1 or logits.shape[:-1] != labels.shape:
         raise ValueError(
             f"logits (..., V) and labels (...) must agree on the leading dims: got logits {tuple(logits.shape)}, "
             f"labels {tuple(labels.shape)}"
         )
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+
+
+def _check_label_dtype(labels: torch.Tensor) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex:
+        raise ValueError(f"labels must be integer token ids, got {getattr(labels, 'dtype', type(labels))}")
+    if labels.dtype == torch.bool:
         raise ValueError(f"labels must be integer token ids, got dtype {labels.dtype}")
-    vocab = logits.shape[-1]
-    valid = labels != ignore_index
-    if bool(((labels[valid] < 0) | (labels[valid] >= vocab)).any()):
-        bad = labels[valid & ((labels < 0) | (labels >= vocab))][:4].tolist()
-        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; got e.g. {bad}")
-    if _use_triton(logits, backend):
-        return _token_logprobs_triton(logits, labels, ignore_index)
-    return _token_logprobs_torch(logits, labels, ignore_index)
+
+
+def _check_labels(
+    labels: torch.Tensor, vocab_size: int, ignore_index: int, vocab_from: str, shift: int = 0
+) -> None:
+    """Raise a ValueError if a label other than ignore_index lies outside [0, vocab_size).
+
+    The message names the first such id, its position and V. The test is one elementwise
+    pass and one reduction; `bool()` of it waits for the device once (one CUDA sync per
+    call), the price of a clear error instead of an out-of-bounds read in the kernel.
+    Positions are reported in the caller's coordinates: `shift` is added to the last index
+    (sequence_logprobs checks labels[:, 1:] and reports the column in labels). `vocab_from`
+    says where V came from, for the message.
+    """
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if not bool(bad.any()):
+        return
+    where = bad.nonzero()
+    position = where[0].tolist()
+    value = labels[tuple(position)].item()
+    if position:
+        position[-1] += shift
+    raise ValueError(
+        f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; got {value} at position "
+        f"{tuple(position)} ({where.shape[0]} such label{'s' if where.shape[0] > 1 else ''}); V = {vocab_size} "
+        f"is {vocab_from}: do the tokenizer and the model agree?"
+    )
 
 
 def _use_triton(logits: torch.Tensor, backend: str | None) -> bool:
@@ -110,11 +152,25 @@ def linear_token_logprobs(
 
     Returns:
         (...) log-probs in float32 (float64 for float64 inputs).
+
+    Raises:
+        ValueError for a label outside [0, V) that is not ignore_index (see `token_logprobs`).
     """
+    _check_hidden_and_labels(hidden, lm_head_weight, labels)
+    _check_labels(labels, lm_head_weight.shape[0], ignore_index, "lm_head_weight.shape[0]")
+    return _linear_token_logprobs(hidden, lm_head_weight, labels, ignore_index, chunk_size, backend)
+
+
+def _check_hidden_and_labels(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor) -> None:
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
         raise ValueError(f"hidden must be a floating-point tensor, got {getattr(hidden, 'dtype', type(hidden))}")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be integer token ids, got dtype {labels.dtype}")
+    if not isinstance(lm_head_weight, torch.Tensor) or lm_head_weight.dim() != 2:
+        raise ValueError(f"lm_head_weight must be a (V, H) tensor, got {tuple(getattr(lm_head_weight, 'shape', ()))}")
+    _check_label_dtype(labels)
+
+
+def _linear_token_logprobs(hidden, lm_head_weight, labels, ignore_index, chunk_size, backend):
+    """linear_token_logprobs past its checks: picks the backend."""
     if _use_triton(hidden, backend):
         return _linear_token_logprobs_triton(
             hidden, lm_head_weight, labels, ignore_index=ignore_index, chunk_size=chunk_size
@@ -141,13 +197,19 @@ def sequence_logprobs(
 
     Returns:
         (B,) in float32 (float64 for float64 logits).
+
+    Raises:
+        ValueError for a label in labels[:, 1:] outside [0, V) that is not ignore_index,
+        named with its position in `labels` (labels[:, 0] is never scored, so never checked).
     """
     if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
         raise ValueError(
             f"expected logits (B, T, V) and labels (B, T); got logits {tuple(logits.shape)}, labels {tuple(labels.shape)}"
         )
     shifted_labels = labels[:, 1:]
-    per_token = token_logprobs(logits[:, :-1], shifted_labels, ignore_index, backend=backend)
+    _check_logits_and_labels(logits[:, :-1], shifted_labels)
+    _check_labels(shifted_labels, logits.shape[-1], ignore_index, "logits.shape[-1]", shift=1)
+    per_token = _token_logprobs(logits[:, :-1], shifted_labels, ignore_index, backend)
     total = per_token.sum(dim=-1)
     if not average:
         return total
@@ -167,17 +229,17 @@ def sequence_logprobs_from_hidden(
 ) -> torch.Tensor:
     r"""`sequence_logprobs` from the last hidden states (B, T, H) and the lm_head weight (V, H).
 
-    Same shift and reduction as `sequence_logprobs`, through `linear_token_logprobs`, so
-    the (B, T, V) logits are never built. Returns (B,) float32 (float64 for float64 inputs).
+    Same shift, reduction and label check as `sequence_logprobs`, through `linear_token_logprobs`,
+    so the (B, T, V) logits are never built. Returns (B,) float32 (float64 for float64 inputs).
     """
     if hidden.dim() != 3 or labels.dim() != 2 or hidden.shape[:2] != labels.shape:
         raise ValueError(
             f"expected hidden (B, T, H) and labels (B, T); got hidden {tuple(hidden.shape)}, labels {tuple(labels.shape)}"
         )
     shifted_labels = labels[:, 1:]
-    per_token = linear_token_logprobs(
-        hidden[:, :-1], lm_head_weight, shifted_labels, ignore_index, chunk_size=chunk_size, backend=backend
-    )
+    _check_hidden_and_labels(hidden, lm_head_weight, shifted_labels)
+    _check_labels(shifted_labels, lm_head_weight.shape[0], ignore_index, "lm_head_weight.shape[0]", shift=1)
+    per_token = _linear_token_logprobs(hidden[:, :-1], lm_head_weight, shifted_labels, ignore_index, chunk_size, backend)
     total = per_token.sum(dim=-1)
     if not average:
         return total

@@ -27,9 +27,23 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import EXP_MAX, check_batch, check_choice, check_positive
+from ._checks import (
+    EXP_MAX,
+    MAX_COEFFICIENT,
+    check_batch,
+    check_choice,
+    check_coefficient,
+    check_positive,
+    clamp_to_finite,
+)
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+# AlphaPO's alpha below this in magnitude is taken as its limit alpha -> 0, r = log P. The
+# two differ by a relative |alpha log P| / 2: under float32 round-off for any |log P| <= 2^40
+# (float64's for |log P| <= 1e4). A smaller alpha breaks the formula: backward divides the
+# gradient by alpha (overflowing float32 for alpha ~ 1e-30), and below 1e-45 alpha is 0 in
+# float32 (0 / 0 = NaN).
+ALPHA_ZERO = 1e-20
 
 
 class CPOLossOutput(NamedTuple):
@@ -55,21 +69,20 @@ def simpo_loss(
     Args:
         policy_chosen_logps: (B,) log pi(y_w|x) averaged over the response tokens.
         policy_rejected_logps: (B,) the same for y_l.
-        beta: > 0, the reward scale (the paper uses 2.0 to 2.5).
-        gamma: the target reward margin (TRL's `simpo_gamma`; the paper uses 0.5 to 1.6).
+        beta: in (0, 1e6], the reward scale (the paper uses 2.0 to 2.5).
+        gamma: the target reward margin, in [-1e6, 1e6] (TRL's `simpo_gamma`; the paper uses 0.5 to 1.6).
         label_smoothing: eps in [0, 0.5), as in conservative DPO.
-        alpha: AlphaPO's reward shape; 0 is plain SimPO.
+        alpha: AlphaPO's reward shape, in [-1e6, 1e6]; 0 (or |alpha| < 1e-20) is plain SimPO.
 
     Returns:
         CPOLossOutput(losses, chosen_rewards, rejected_rewards), each (B,).
     """
     r_w, r_l, dtype = _rewards(policy_chosen_logps, policy_rejected_logps, beta, alpha)
     _check_smoothing(label_smoothing, "simpo")
-    if not math.isfinite(gamma):
-        raise ValueError(f"gamma must be finite, got {gamma!r}")
+    check_coefficient("gamma", gamma)
     eps = label_smoothing
 
-    z = beta * (r_w - r_l) - gamma
+    z = clamp_to_finite(beta * (r_w - r_l) - gamma)  # see _rewards: huge AlphaPO rewards
     losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
     return CPOLossOutput(losses, (beta * r_w).detach(), (beta * r_l).detach())
 
@@ -103,11 +116,11 @@ def cpo_loss(
     Args:
         policy_chosen_logps, policy_rejected_logps: (B,) log pi(y|x), summed over
             response tokens for sigmoid/hinge, averaged for ipo/simpo (as TRL does).
-        beta: > 0, the reward scale (the IPO regulariser tau for ipo).
+        beta: in (0, 1e6], the reward scale (the IPO regulariser tau for ipo).
         loss_type: one of CPO_LOSS_TYPES.
         label_smoothing: eps in [0, 0.5) for sigmoid and simpo; must be 0 otherwise.
         simpo_gamma: SimPO's target margin, read only by loss_type='simpo'.
-        alpha: AlphaPO's reward shape; 0 is log pi.
+        alpha: AlphaPO's reward shape, in [-1e6, 1e6]; 0 (or |alpha| < 1e-20) is log pi.
 
     Returns:
         CPOLossOutput(losses, chosen_rewards, rejected_rewards), each (B,).
@@ -127,10 +140,11 @@ def cpo_loss(
     eps = label_smoothing
 
     m = r_w - r_l
+    beta_m = clamp_to_finite(beta * m)  # see _rewards: huge AlphaPO rewards
     if loss_type == "sigmoid":
-        losses = -(1 - eps) * F.logsigmoid(beta * m) - eps * F.logsigmoid(-beta * m)
+        losses = -(1 - eps) * F.logsigmoid(beta_m) - eps * F.logsigmoid(-beta_m)
     elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * m)
+        losses = torch.relu(1 - beta_m)
     else:  # ipo
         losses = (m - 1 / (2 * beta)) ** 2
     return CPOLossOutput(losses, (beta * r_w).detach(), (beta * r_l).detach())
@@ -141,17 +155,20 @@ def _rewards(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
     """Check the inputs; return r(y_w), r(y_l) in the compute dtype."""
     dtype = check_batch(policy_chosen_logps=chosen_logps, policy_rejected_logps=rejected_logps)
-    check_positive("beta", beta)
-    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    check_positive("beta", beta, upper=MAX_COEFFICIENT)
+    check_coefficient("alpha", alpha)
     logp_w, logp_l = chosen_logps.to(dtype), rejected_logps.to(dtype)
-    if alpha == 0:
+    if abs(alpha) < ALPHA_ZERO:
         return logp_w, logp_l, dtype
     # AlphaPO: r = (1 - P^-alpha) / alpha = -expm1(-alpha log P) / alpha, which keeps
-    # its digits as log P -> 0 (where 1 - P^-alpha cancels).
+    # its digits as log P -> 0 (where 1 - P^-alpha cancels). For alpha > 0 it falls like
+    # -P^-alpha / alpha, beyond any dtype for small P: the exponent is clamped (as TRL's
+    # alpha-divergence is) and the reward kept finite (inf - inf would be NaN); so is beta * m
+    # in the losses (0 * inf would be). The loss is then at worst +inf, never NaN.
+    # The exponent is clamped on both sides: below -EXP_MAX, expm1 is -1 to the last digit.
     cap = EXP_MAX[dtype]
-    r_w = -torch.expm1((-alpha * logp_w).clamp(max=cap)) / alpha
-    r_l = -torch.expm1((-alpha * logp_l).clamp(max=cap)) / alpha
+    r_w = clamp_to_finite(-torch.expm1((-alpha * logp_w).clamp(-cap, cap)) / alpha)
+    r_l = clamp_to_finite(-torch.expm1((-alpha * logp_l).clamp(-cap, cap)) / alpha)
     return r_w, r_l, dtype
 
 

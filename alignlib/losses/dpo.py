@@ -26,7 +26,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import EXP_MAX, check_batch, check_choice, check_lengths, check_positive
+from ._checks import (
+    EXP_MAX,
+    MAX_COEFFICIENT,
+    MAX_MAGNITUDE,
+    check_batch,
+    check_choice,
+    check_coefficient,
+    check_lengths,
+    check_positive,
+    clamp_to_finite,
+)
 
 DPO_LOSS_TYPES = (
     "sigmoid",
@@ -118,7 +128,7 @@ def dpo_loss(
         policy_rejected_logps: (B,) log pi_theta(y_l | x), summed over response tokens.
         ref_chosen_logps: (B,) log pi_ref(y_w | x).
         ref_rejected_logps: (B,) log pi_ref(y_l | x).
-        beta: > 0. The KL strength (DPO's beta); for ipo the regulariser tau.
+        beta: in (0, 1e6]. The KL strength (DPO's beta); for ipo the regulariser tau.
         loss_type: one of DPO_LOSS_TYPES (TRL 1.16's DPOTrainer types, less `sft`).
         label_smoothing: eps, the assumed probability that a label is flipped. Read
             by sigmoid (conservative DPO), robust, aot and aot_unpaired (in [0, 0.5))
@@ -130,13 +140,22 @@ def dpo_loss(
         f_divergence_type: one of F_DIVERGENCES; a non-default value is accepted
             only by the loss types built on h (sigmoid, sigmoid_norm, hinge, ipo,
             exo_pair, robust, discopop).
-        f_alpha_divergence_coef: alpha for alpha_divergence (alpha = 1 is reverse KL).
+        f_alpha_divergence_coef: alpha for alpha_divergence, in [-1e6, 1e6] (alpha = 1 is reverse KL).
         discopop_tau: > 0, the temperature of DiscoPOP's mixing weight.
 
     Returns:
         DPOLossOutput(losses (B,), chosen_rewards (B,), rejected_rewards (B,)),
         computed in float32 (float64 if any input is float64). Reduce `losses`
         yourself, usually with `.mean()`.
+
+    Raises:
+        ValueError naming the argument for shapes that disagree, inputs that are
+        non-finite or beyond |x| <= 2^40 = 1.1e12 (the losses' domain, see `_checks`), and
+        options out of range (beta above 1e6 included). Within the domain and for
+        beta >= 1e-6 the losses, rewards and gradients are finite, and never NaN;
+        forward_kl and alpha_divergence exponentiate the log-ratios, so once their
+        scores pass about 1e12 a loss may be +inf or saturate at the dtype's largest
+        value (TRL's is inf or NaN there).
     """
     dtype = check_batch(
         policy_chosen_logps=policy_chosen_logps,
@@ -144,7 +163,7 @@ def dpo_loss(
         ref_chosen_logps=ref_chosen_logps,
         ref_rejected_logps=ref_rejected_logps,
     )
-    check_positive("beta", beta)
+    check_positive("beta", beta, upper=MAX_COEFFICIENT)
     check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
     check_choice("f_divergence_type", f_divergence_type, F_DIVERGENCES)
     _check_label_smoothing(label_smoothing, loss_type)
@@ -155,8 +174,8 @@ def dpo_loss(
         )
     if loss_type == "discopop":
         check_positive("discopop_tau", discopop_tau)
-    if f_divergence_type == "alpha_divergence" and not math.isfinite(f_alpha_divergence_coef):
-        raise ValueError(f"f_alpha_divergence_coef must be finite, got {f_alpha_divergence_coef!r}")
+    if f_divergence_type == "alpha_divergence":
+        check_coefficient("f_alpha_divergence_coef", f_alpha_divergence_coef)
 
     pi_w, pi_l = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
     ref_w, ref_l = ref_chosen_logps.to(dtype), ref_rejected_logps.to(dtype)
@@ -167,11 +186,13 @@ def dpo_loss(
     s_w = _f_divergence_score(u_w, f_divergence_type, f_alpha_divergence_coef)
     s_l = _f_divergence_score(u_l, f_divergence_type, f_alpha_divergence_coef)
     h = s_w - s_l
+    # beta h, kept finite where a huge exponential score makes it overflow (0 * inf = NaN below).
+    beta_h = clamp_to_finite(beta * h)
 
     if loss_type == "sigmoid":
-        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+        losses = -(1 - eps) * F.logsigmoid(beta_h) - eps * F.logsigmoid(-beta_h)
     elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * h)
+        losses = torch.relu(1 - beta_h)
     elif loss_type == "ipo":
         # TRL (and the IPO authors' own runs) average the log-ratios per token;
         # the paper's eq. 17 writes sequence-level ones.
@@ -181,15 +202,15 @@ def dpo_loss(
     elif loss_type == "exo_pair":
         # KL between the model's preference distribution q over {y_w, y_l} and the
         # smoothed label p = (1 - eps, eps).
-        q_w, log_q_w = torch.sigmoid(beta * h), F.logsigmoid(beta * h)
-        q_l, log_q_l = torch.sigmoid(-beta * h), F.logsigmoid(-beta * h)
+        q_w, log_q_w = torch.sigmoid(beta_h), F.logsigmoid(beta_h)
+        q_l, log_q_l = torch.sigmoid(-beta_h), F.logsigmoid(-beta_h)
         losses = q_w * (log_q_w - math.log1p(-eps)) + q_l * (log_q_l - math.log(eps))
     elif loss_type == "nca_pair":
         r_w, r_l = beta * u_w, beta * u_l
         losses = -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
     elif loss_type == "robust":
         # Unbiased under label flips with probability eps.
-        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+        losses = (-(1 - eps) * F.logsigmoid(beta_h) + eps * F.logsigmoid(-beta_h)) / (1 - 2 * eps)
     elif loss_type == "bco_pair":
         losses = -F.logsigmoid(beta * u_w) - F.logsigmoid(-beta * u_l)
     elif loss_type == "sppo_hard":
@@ -211,11 +232,14 @@ def dpo_loss(
         # Chosen worse than the policy's own outputs: lower y_w, lower y_l more.
         losses = torch.sigmoid(beta * u_w) + (1 - torch.sigmoid(beta * (u_w - u_l)))
     elif loss_type == "discopop":
-        x = beta * h
+        x = beta_h
         m = torch.sigmoid(x / discopop_tau)  # mixing weight, -> 1 for confident pairs
         # m * exp(-x) written as exp(log m - x): equal, and finite where exp(-x)
-        # alone would overflow against an m that underflows to 0.
-        losses = (1 - m) * -F.logsigmoid(x) + torch.exp(F.logsigmoid(x / discopop_tau) - x)
+        # alone would overflow against an m that underflows to 0. For tau <= 1 the
+        # exponent never exceeds -log 2; for tau > 1 it grows like |x| (1 - 1/tau) as
+        # x -> -inf, so it saturates at log(MAX_MAGNITUDE) (see _checks).
+        log_m_exp = (F.logsigmoid(x / discopop_tau) - x).clamp(max=math.log(MAX_MAGNITUDE))
+        losses = (1 - m) * -F.logsigmoid(x) + torch.exp(log_m_exp)
     elif loss_type == "sigmoid_norm":
         len_w = check_lengths("chosen_lengths", chosen_lengths, s_w, "loss_type='sigmoid_norm'")
         len_l = check_lengths("rejected_lengths", rejected_lengths, s_l, "loss_type='sigmoid_norm'")
@@ -227,18 +251,25 @@ def dpo_loss(
 
 
 def _f_divergence_score(u: torch.Tensor, f_divergence_type: str, alpha: float) -> torch.Tensor:
-    """s(u) = f'(t) at t = pi/pi_ref = e^u, for the f-divergence regulariser."""
+    """s(u) = f'(t) at t = pi/pi_ref = e^u, for the f-divergence regulariser.
+
+    The exponents are clamped at EXP_MAX, as TRL clamps alpha_divergence's, and the score
+    is kept finite; a loss built from a huge score (IPO's square, robust's division) may
+    still be +inf where its true value exceeds the dtype, as TRL's is (see `_checks`).
+    """
     if f_divergence_type == "reverse_kl":  # f(t) = t log t
         return u
-    if f_divergence_type == "forward_kl":  # f(t) = -log t
-        return 1 - torch.exp((-u).clamp(max=EXP_MAX[u.dtype]))
+    if f_divergence_type == "forward_kl":  # f(t) = -log t, s = 1 - e^{-u}
+        return -torch.expm1((-u).clamp(-EXP_MAX[u.dtype], EXP_MAX[u.dtype]))
     if f_divergence_type == "js_divergence":  # f'(t) = log(2t / (1 + t))
         return math.log(2) + F.logsigmoid(u)
     # alpha_divergence, f'(t) = (t^(alpha-1) - 1) / (alpha - 1); alpha -> 1 is log t.
     if abs(alpha - 1.0) < 1e-6:
         return u
-    t = ((alpha - 1.0) * u).clamp(max=EXP_MAX[u.dtype])
-    return (torch.exp(t) - 1.0) / (alpha - 1.0)
+    # Clamped on both sides: below -EXP_MAX, exp(t) - 1 is -1 to the last digit, and a
+    # gradient that reaches it as inf times exp(t) = 0 would be NaN.
+    t = ((alpha - 1.0) * u).clamp(-EXP_MAX[u.dtype], EXP_MAX[u.dtype])
+    return clamp_to_finite((torch.exp(t) - 1.0) / (alpha - 1.0))  # inf for alpha close to 1
 
 
 def _check_label_smoothing(label_smoothing: float, loss_type: str) -> None:

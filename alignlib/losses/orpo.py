@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_batch, check_positive
+from ._checks import MAX_COEFFICIENT, check_batch, check_positive
 
 # log P at or above this is treated as this value: at P = 1 the odds are infinite.
 # Length-averaged log-probs that close to 0 are indistinguishable from 0 in float32.
@@ -84,11 +84,11 @@ def orpo_loss(
         policy_chosen_logps: (B,) mean per-token log-prob of the chosen response,
             log P(y_w|x) averaged over its tokens (ORPO uses averages, not sums).
         policy_rejected_logps: (B,) the same for the rejected response.
-        beta: > 0, the weight lambda of the odds-ratio term against the NLL.
+        beta: in (0, 1e6], the weight lambda of the odds-ratio term against the NLL.
 
-    Inputs must be <= 0; values in (-1e-12, 0] are read as -1e-12 (P = 1 has
-    infinite odds). The result is finite, with finite gradients, for log-probs in
-    [-1e4, -1e-12], in float32 and float64.
+    Inputs must lie in [-2^40, 0] (2^40 = 1.1e12; else ValueError); values in (-1e-12, 0]
+    are read as -1e-12 (P = 1 has infinite odds). Over that whole range, and for beta in
+    [1e-6, 1e6], the result and its gradients are finite, in float32 and float64.
 
     Returns:
         ORPOLossOutput(losses, chosen_rewards, rejected_rewards, log_odds_ratio,
@@ -96,7 +96,7 @@ def orpo_loss(
         Add the SFT term yourself (see the module docstring).
     """
     dtype = check_batch(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
-    check_positive("beta", beta)
+    check_positive("beta", beta, upper=MAX_COEFFICIENT)
     for name, logps in (("policy_chosen_logps", policy_chosen_logps), ("policy_rejected_logps", policy_rejected_logps)):
         if bool((logps > 0).any()):
             raise ValueError(f"{name} must be log-probabilities (<= 0); got values up to {logps.max().item()}")

@@ -23,6 +23,13 @@ All tensors of per-token values are (B, T), one row per response, with a mask
 (B, T) that is True on response tokens. Padding contributes nothing: it is
 zeroed with torch.where (so even inf or NaN filler stays out), and every mean
 is over the masked tokens of the whole batch, as in TRL's classic PPOTrainer.
+
+Numerics: bf16/fp16 inputs are computed (and returned) in float32, float64 stays
+float64. Values on response tokens must be finite and within +-2^40 = 1.1e12 (else a
+ValueError, as for the other losses). exp() of a log-ratio (the policy ratio, the k3
+estimate) is taken at most at LOG_RATIO_MAX: a ratio beyond e^20 = 5e8 means the
+trust region is long gone, and the clamp keeps every result finite (zero gradient
+past it; TRL does not clamp, and overflows to inf or NaN there).
 """
 
 from __future__ import annotations
@@ -33,7 +40,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ._checks import MAX_COEFFICIENT, MAX_MAGNITUDE, check_finite, compute_dtype
+
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "mse")
+# exp(log-ratio) is taken at most at e^20 (see the module docstring).
+LOG_RATIO_MAX = 20.0
 
 
 # ---------------------------------------------------------------------------
@@ -49,7 +60,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
 
     * k1:  log_r                         unbiased, can be negative per token
     * k2:  1/2 log_r^2                   biased, low variance (TRL classic calls it "mse")
-    * k3:  (e^{-log_r} - 1) + log_r      unbiased, >= 0, low variance
+    * k3:  (e^{-log_r} - 1) + log_r      unbiased, >= 0, low variance (log_r clamped at -LOG_RATIO_MAX)
     * abs: |log_r|
     * mse: 1/2 log_r^2, the same as k2
 
@@ -59,17 +70,20 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
         estimator: one of KL_ESTIMATORS.
 
     Returns:
-        A tensor of logprobs' shape. Not masked: see kl_shaped_rewards.
+        A tensor of logprobs' shape, float32 (float64 for float64 inputs). Not masked:
+        see kl_shaped_rewards.
     """
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; known: {', '.join(KL_ESTIMATORS)}")
     _check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
+    logprobs, ref_logprobs = _upcast(logprobs, ref_logprobs)
     log_r = logprobs - ref_logprobs
     if estimator == "k1":
         return log_r
     if estimator in ("k2", "mse"):
         return 0.5 * log_r**2
     if estimator == "k3":
+        log_r = log_r.clamp(min=-LOG_RATIO_MAX)  # k3 saturates at its value for log_r = -20
         return torch.expm1(-log_r) + log_r
     return log_r.abs()
 
@@ -98,7 +112,7 @@ def kl_shaped_rewards(
         logprobs: (B, T) log pi of each response token (the rollout policy).
         ref_logprobs: (B, T) log pi_ref of the same tokens.
         mask: (B, T) True (or 1) on response tokens; every row needs at least one.
-        kl_coef: >= 0, the KL weight (an AdaptiveKLController's `.value`).
+        kl_coef: in [0, 1e6], the KL weight (an AdaptiveKLController's `.value`).
         estimator: which KL estimate (see kl_penalty).
 
     Returns:
@@ -106,8 +120,7 @@ def kl_shaped_rewards(
     """
     mask = _check_rollout(mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
     _check_scores(scores, logprobs)
-    if not isinstance(kl_coef, (int, float)) or not math.isfinite(kl_coef) or kl_coef < 0:
-        raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
+    _check_positive_number("kl_coef", kl_coef, allow_zero=True, upper=MAX_COEFFICIENT)
 
     kl = torch.where(mask, kl_penalty(logprobs, ref_logprobs, estimator), 0.0)
     non_score_rewards = -kl_coef * kl
@@ -175,8 +188,7 @@ def gae_advantages(
         if not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
 
-    rewards = torch.where(mask, rewards, 0.0)
-    values = torch.where(mask, values, 0.0)
+    rewards, values = _on_mask(mask, rewards, values)
     T = rewards.shape[1]
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[:, 0])
@@ -201,10 +213,13 @@ def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool =
     Args:
         x: (B, T) values.
         mask: (B, T) True where x counts; None means everywhere. At least 2 entries.
+        eps: > 0, keeps a constant x finite (its variance is 0).
     """
     if mask is None:
         mask = torch.ones_like(x, dtype=torch.bool)
     mask = _check_rollout(mask, require_every_row=False, x=x)
+    _check_positive_number("eps", eps)
+    (x,) = _on_mask(mask, x)
     n = mask.sum()
     if int(n) < 2:
         raise ValueError(f"whiten needs at least 2 unmasked values for a variance, got {int(n)}")
@@ -217,8 +232,8 @@ def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool =
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x over the True entries of mask (entries outside never enter, even if inf or NaN)."""
-    return torch.where(mask, x, 0.0).sum() / mask.sum()
+    """Mean of x over the True entries of mask (entries outside never enter, even if inf or NaN); 0 if none."""
+    return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 # ---------------------------------------------------------------------------
@@ -257,9 +272,10 @@ def ppo_policy_loss(
     """
     mask = _check_rollout(mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
     _check_positive_number("cliprange", cliprange)
+    logprobs, old_logprobs, advantages = _on_mask(mask, logprobs, old_logprobs, advantages)
 
     log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(log_ratio.clamp(max=LOG_RATIO_MAX))
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     per_token = torch.where(mask, torch.max(unclipped, clipped), 0.0)
@@ -300,6 +316,7 @@ def ppo_value_loss(
     """
     mask = _check_rollout(mask, values=values, old_values=old_values, returns=returns)
     _check_positive_number("cliprange_value", cliprange_value)
+    values, old_values, returns = _on_mask(mask, values, old_values, returns)
 
     values_clipped = torch.max(torch.min(values, old_values + cliprange_value), old_values - cliprange_value)
     error_unclipped = (values - returns) ** 2
@@ -348,15 +365,15 @@ def ppo_loss(
     PPOConfig: cliprange 0.2, cliprange_value 0.2, vf_coef 0.1). `entropy` is an
     optional (B, T) per-token entropy of the policy (with grad) for a bonus.
     """
-    _check_positive_number("vf_coef", vf_coef, allow_zero=True)
-    _check_positive_number("entropy_coef", entropy_coef, allow_zero=True)
+    _check_positive_number("vf_coef", vf_coef, allow_zero=True, upper=MAX_COEFFICIENT)
+    _check_positive_number("entropy_coef", entropy_coef, allow_zero=True, upper=MAX_COEFFICIENT)
     policy = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange)
     value = ppo_value_loss(values, old_values, returns, mask, cliprange_value)
     loss = policy.loss + vf_coef * value.loss
     mean_entropy = None
     if entropy is not None:
         mask_b = _check_rollout(mask, entropy=entropy, logprobs=logprobs)
-        mean_entropy = masked_mean(entropy, mask_b)
+        mean_entropy = masked_mean(*_on_mask(mask_b, entropy), mask_b)
         loss = loss - entropy_coef * mean_entropy
     elif entropy_coef != 0:
         raise ValueError("entropy_coef is non-zero but no entropy was given")
@@ -385,7 +402,7 @@ class AdaptiveKLController:
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: float):
-        _check_positive_number("init_kl_coef", init_kl_coef, allow_zero=True)
+        _check_positive_number("init_kl_coef", init_kl_coef, allow_zero=True, upper=MAX_COEFFICIENT)
         _check_positive_number("target", target)
         _check_positive_number("horizon", horizon)
         self.value = float(init_kl_coef)
@@ -393,9 +410,20 @@ class AdaptiveKLController:
         self.horizon = float(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> None:
-        """current_kl: the batch's mean KL (per sequence, summed over tokens); n_steps: samples since the last update."""
+        """current_kl: the batch's mean KL (per sequence, summed over tokens); n_steps: samples since the last update.
+
+        n_steps must stay below 5 * horizon, else a KL under target would make the multiplier
+        1 - 0.2 n_steps / horizon zero or negative (a KL reward instead of a penalty).
+        """
         if not math.isfinite(float(current_kl)):
             raise ValueError(f"current_kl must be finite, got {current_kl!r}")
+        if isinstance(n_steps, bool) or not math.isfinite(float(n_steps)) or n_steps < 0:
+            raise ValueError(f"n_steps must be a finite number >= 0, got {n_steps!r}")
+        if n_steps >= 5 * self.horizon:
+            raise ValueError(
+                f"n_steps={n_steps} must be below 5 * horizon = {5 * self.horizon:g}: the multiplier "
+                "1 - 0.2 * n_steps / horizon would reach 0 or below and flip the sign of the KL penalty"
+            )
         proportional_error = float(np.clip(float(current_kl) / self.target - 1, -0.2, 0.2))
         self.value *= 1 + proportional_error * n_steps / self.horizon
 
@@ -404,7 +432,7 @@ class FixedKLController:
     """A constant kl_coef, with the same interface as AdaptiveKLController."""
 
     def __init__(self, kl_coef: float):
-        _check_positive_number("kl_coef", kl_coef, allow_zero=True)
+        _check_positive_number("kl_coef", kl_coef, allow_zero=True, upper=MAX_COEFFICIENT)
         self.value = float(kl_coef)
 
     def update(self, current_kl: float, n_steps: int) -> None:
@@ -455,8 +483,14 @@ def _check_rollout(mask: torch.Tensor, require_every_row: bool = True, **named: 
         empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
         raise ValueError(f"mask rows {empty[:8]} have no response token")
     for name, value in named.items():
-        if not bool(torch.isfinite(value[mask]).all()):
-            raise ValueError(f"{name} has non-finite values on response tokens")
+        # One reduction; NaN fails the comparison too. Padding may hold anything.
+        if not bool(torch.where(mask, value.abs() <= MAX_MAGNITUDE, True).all()):
+            if not bool(torch.isfinite(value[mask]).all()):
+                raise ValueError(f"{name} has non-finite values on response tokens")
+            raise ValueError(
+                f"{name} has values of magnitude up to {value[mask].abs().max().item():.3g} on response tokens, "
+                f"beyond the losses' domain |x| <= 2^40 = {MAX_MAGNITUDE:.2g}"
+            )
     return mask
 
 
@@ -465,12 +499,29 @@ def _check_scores(scores: torch.Tensor, like: torch.Tensor) -> None:
         raise ValueError(f"scores must be a floating-point torch.Tensor, got {getattr(scores, 'dtype', type(scores))}")
     if scores.shape != like.shape[:1]:
         raise ValueError(f"scores must have shape ({like.shape[0]},), one per response; got {tuple(scores.shape)}")
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError(f"scores contains non-finite values: {scores.tolist()[:8]}")
+    check_finite("scores", scores)
 
 
-def _check_positive_number(name: str, value: float, allow_zero: bool = False) -> None:
+def _upcast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in the compute dtype: float32, or float64 if any is float64 (bf16/fp16 are upcast)."""
+    dtype = compute_dtype(*tensors)
+    return tuple(t.to(dtype) for t in tensors)
+
+
+def _on_mask(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors upcast, with padding set to 0 before any arithmetic.
+
+    Zeroing only the result would not do: backward multiplies the zero gradient by the
+    local derivative, and 0 * inf filler is NaN (in the padding's gradient, and through a
+    mean, in every entry's).
+    """
+    return tuple(torch.where(mask, t, 0.0) for t in _upcast(*tensors))
+
+
+def _check_positive_number(name: str, value: float, allow_zero: bool = False, upper: float | None = None) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value >= 0 if allow_zero else value > 0)
     if not ok:
         raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    if upper is not None and value > upper:
+        raise ValueError(f"{name} must be at most {upper:g}, got {value!r}: beyond that the losses overflow float32")

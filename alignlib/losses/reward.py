@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_batch
+from ._checks import MAX_COEFFICIENT, check_batch, check_finite
 
 
 class RewardLossOutput(NamedTuple):
@@ -46,11 +46,12 @@ def reward_ranking_loss(
         chosen_rewards: (B,) the reward model's scalar output for (x, y_w).
         rejected_rewards: (B,) the same for (x, y_l).
         margin: (B,) tensor or a number, the required gap m; None means 0.
-        center_rewards_coefficient: c >= 0; None means no centering term.
+        center_rewards_coefficient: c in [0, 1e6]; None means no centering term.
 
     Returns:
         RewardLossOutput(losses, chosen_rewards, rejected_rewards), each (B,),
-        in float32 (float64 for float64 input).
+        in float32 (float64 for float64 input). Finite, with finite gradients, for
+        rewards and margins within +-2^40 = 1.1e12 (beyond: ValueError) and c <= 1e6.
     """
     dtype = check_batch(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
     r_w, r_l = chosen_rewards.to(dtype), rejected_rewards.to(dtype)
@@ -62,14 +63,13 @@ def reward_ranking_loss(
             raise ValueError(
                 f"margin must be a number or have shape {tuple(r_w.shape)} like the rewards, got {tuple(m.shape)}"
             )
-        if not bool(torch.isfinite(m).all()):
-            raise ValueError("margin contains non-finite values")
+        check_finite("margin", m)
 
     losses = -F.logsigmoid(r_w - r_l - m)
     if center_rewards_coefficient is not None:
         c = center_rewards_coefficient
-        if not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
-            raise ValueError(f"center_rewards_coefficient must be a finite number >= 0, got {c!r}")
+        if not isinstance(c, (int, float)) or not math.isfinite(c) or not 0 <= c <= MAX_COEFFICIENT:
+            raise ValueError(f"center_rewards_coefficient must be a number in [0, {MAX_COEFFICIENT:g}], got {c!r}")
         losses = losses + c * (r_w + r_l) ** 2
 
     return RewardLossOutput(losses, r_w.detach(), r_l.detach())
