@@ -14,7 +14,9 @@ Results are float32 (float64 for float64 logits) whatever the logits' dtype: a
 sum of hundreds of bf16 log-probs would lose the digits DPO's log-ratios need.
 
 Backends: the Triton kernel (alignlib.kernels.logprobs) runs on CUDA tensors and
-the torch reference of the same math elsewhere. One switch forces either: the
+the same math in torch elsewhere (`token_logprobs_lean`: torch ops forward, a
+hand-written backward that, like the kernel, needs one gradient buffer of the
+logits' shape and no logits-sized temporaries). One switch forces either: the
 `backend` argument, or the environment variable ALIGNLIB_LOGPROBS_BACKEND
 ("auto", "triton" or "torch"; default "auto").
 """
@@ -26,7 +28,7 @@ import os
 import torch
 
 from alignlib.kernels.reference import linear_token_logprobs_torch as _linear_token_logprobs_torch
-from alignlib.kernels.reference import token_logprobs_torch as _token_logprobs_torch
+from alignlib.kernels.reference import token_logprobs_lean as _token_logprobs_torch
 
 try:  # triton is a Linux-only dependency
     from alignlib.kernels.logprobs import linear_token_logprobs as _linear_token_logprobs_triton

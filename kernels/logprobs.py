@@ -43,7 +43,7 @@ def _token_logprobs_fwd(
     label = tl.load(labels_ptr + row)
     row_start = logits_ptr + row * row_stride
     logp = 0.0
-    lse = 0.0
+    lse = float("inf")  # ignored rows: backward's softmax exp(x - lse) is then 0 for any finite logit
     if label != ignore_index:
         m = float("-inf")  # running max
         s = 0.0  # running sum of exp(x - m)
