@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         rows = add_ratios(suite.run(args.device, suite.SIZES[sizes], warmup, repeats), suite.BASELINE)
         env = environment(args.device)
         env["sizes"] = sizes
-        written += write_results(name, rows, env, args.out, baseline=suite.BASELINE)
+        written += write_results(name, rows, env, args.out, baseline=suite.BASELINE,
+                                 floors=frozenset(getattr(suite, "FLOORS", ())))
         for path in written:
             print(f"  wrote {path}")
     return written

@@ -183,12 +183,13 @@ OURS_PREFIX = "alignlib"  # rows whose implementation name starts with this are 
 BEHIND_MARGIN = 1.05  # a peer must be more than 5% faster (or smaller) for alignlib to count as behind
 
 
-def behind(rows: list[Row]) -> dict[int, str]:
+def behind(rows: list[Row], floors: frozenset[str] = frozenset()) -> dict[int, str]:
     """For each alignlib row (by index): which peers beat it in the same case and mode, and by how much.
 
     A peer is ahead in time when alignlib's median is more than BEHIND_MARGIN times the peer's,
-    in memory likewise for the peak. Only rows that ran are compared. The text says it plainly,
-    e.g. "behind: TRL 1.16 in time (1.31x its median)".
+    in memory likewise for the peak. Only rows that ran are compared; `floors` are rows that are
+    not alternatives a user could pick (e.g. the bare base GEMM under a LoRA layer) and are not
+    counted. The text says it plainly, e.g. "behind: TRL 1.16 in time (1.31x its median)".
     """
     notes = {}
     for index, ours in enumerate(rows):
@@ -196,7 +197,8 @@ def behind(rows: list[Row]) -> dict[int, str]:
             continue
         lost = []
         for peer in rows:
-            if peer.case != ours.case or peer.mode != ours.mode or peer.impl.startswith(OURS_PREFIX):
+            if (peer.case != ours.case or peer.mode != ours.mode or peer.impl.startswith(OURS_PREFIX)
+                    or peer.impl in floors):
                 continue
             if peer.median_ms is not None and ours.median_ms > BEHIND_MARGIN * peer.median_ms:
                 lost.append(f"{peer.impl} in time ({ours.median_ms / peer.median_ms:.2f}x its median)")
@@ -238,13 +240,14 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def markdown_table(rows: list[Row], *, absolute_times: bool) -> str:
-    """A markdown table; absolute times only when asked (GPU runs)."""
+def markdown_table(rows: list[Row], *, absolute_times: bool, floors: frozenset[str] = frozenset()) -> str:
+    """A markdown table; absolute times only when asked (GPU runs). Rows where alignlib is behind a
+    peer (not one of `floors`) say so in bold."""
     header = ["case", "mode", "implementation"]
     header += ["median ms", "p20-p80 ms"] if absolute_times else []
     header += ["time ratio", "peak MiB", "memory ratio", "note"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    behind_notes = behind(rows)
+    behind_notes = behind(rows, floors)
     for index, r in enumerate(rows):
         cells = [r.case, r.mode, r.impl]
         if absolute_times:
@@ -257,7 +260,8 @@ def markdown_table(rows: list[Row], *, absolute_times: bool) -> str:
     return "\n".join(lines)
 
 
-def write_results(suite: str, rows: list[Row], env: dict, out_dir: Path, *, baseline: str, plot: bool = True) -> list[Path]:
+def write_results(suite: str, rows: list[Row], env: dict, out_dir: Path, *, baseline: str, plot: bool = True,
+                  floors: frozenset[str] = frozenset()) -> list[Path]:
     """Write SUITE.json, SUITE.md and (matplotlib permitting) SUITE.png under out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -272,7 +276,7 @@ def write_results(suite: str, rows: list[Row], env: dict, out_dir: Path, *, base
         f"Ratios are to **{baseline}** on the same case and mode, measured in the same run (lower is better).",
         "" if absolute else "CPU run: absolute times are not quoted, only ratios.",
         "",
-        markdown_table(rows, absolute_times=absolute),
+        markdown_table(rows, absolute_times=absolute, floors=floors),
         "",
     ]
     md_path = out_dir / f"{suite}.md"

@@ -19,6 +19,7 @@ import torch
 from benchmarks.harness import NotAvailable, Row, measure
 
 BASELINE = "frozen base GEMM alone"
+FLOORS = (BASELINE,)  # the cost floor a LoRA layer adds to, not an alternative: no "behind" against it
 MODES = ("forward", "fwd+bwd")
 
 # (tokens M, in K, out N, rank r) per preset; float32 on the CPU, bfloat16 on the GPU.

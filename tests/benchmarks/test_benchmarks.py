@@ -74,6 +74,7 @@ def test_tables_say_where_alignlib_is_behind_a_peer():
     table = harness.markdown_table(rows, absolute_times=False)
     assert "**behind: TRL in time (1.50x its median); Liger in memory (2.08x its peak)**" in table.splitlines()[3]
     assert "behind" not in table.splitlines()[6]
+    assert harness.behind(rows, floors=frozenset({"TRL", "Liger"})) == {}  # floors are not peers
 
 
 @pytest.mark.parametrize("suite", ["losses", "logprobs", "lora", "dpo_step", "orpo_step"])
