@@ -13,7 +13,15 @@ def token_logprobs_torch(logits: torch.Tensor, labels: torch.Tensor, ignore_inde
     """The torch reference of the same math: x_y - logsumexp(x), 0 on ignored positions.
 
     Computes in float32 (float64 for float64 logits), upcasting a block of rows at a time.
+    Differentiable through autograd (the tests' reference for every backward).
     """
+    logp, _, _, _ = _flat_logprobs(logits, labels, ignore_index)
+    return logp.reshape(labels.shape)
+
+
+def _flat_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                   block_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, lse, safe_labels, valid), each (N,) over the N = labels.numel() rows of logits."""
     vocab = logits.shape[-1]
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     flat_logits = logits.reshape(-1, vocab)
@@ -23,11 +31,9 @@ def token_logprobs_torch(logits: torch.Tensor, labels: torch.Tensor, ignore_inde
     label_logits = flat_logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1).to(out_dtype)
     if flat_logits.shape[0] == 0:
         lse = flat_logits.new_zeros(0, dtype=out_dtype)
-    elif flat_logits.dtype == out_dtype:
-        lse = torch.logsumexp(flat_logits, dim=-1)
-    else:
-        lse = torch.cat([torch.logsumexp(rows.to(out_dtype), dim=-1) for rows in flat_logits.split(1024)])
-    return torch.where(valid, label_logits - lse, 0.0).reshape(labels.shape)
+    else:  # a block of rows at a time: logsumexp's (rows, V) temporaries stay block-sized
+        lse = torch.cat([torch.logsumexp(rows.to(out_dtype), dim=-1) for rows in flat_logits.split(block_rows)])
+    return torch.where(valid, label_logits - lse, 0.0), lse, safe_labels, valid
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
@@ -44,18 +50,10 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-        vocab = logits.shape[-1]
-        out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        flat_logits = logits.reshape(-1, vocab)
-        flat_labels = labels.reshape(-1)
-        valid = flat_labels != ignore_index
-        safe_labels = torch.where(valid, flat_labels, 0)
-        label_logits = flat_logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1).to(out_dtype)
-        block = max(1, TokenLogprobsFunction.BLOCK_ELEMENTS // vocab)
-        lse = flat_logits.new_zeros(0, dtype=out_dtype) if flat_logits.shape[0] == 0 else torch.cat(
-            [torch.logsumexp(rows.to(out_dtype), dim=-1) for rows in flat_logits.split(block)])
+        block = max(1, TokenLogprobsFunction.BLOCK_ELEMENTS // logits.shape[-1])
+        logp, lse, safe_labels, valid = _flat_logprobs(logits, labels, ignore_index, block)
         ctx.save_for_backward(logits, safe_labels, valid, lse)
-        return torch.where(valid, label_logits - lse, 0.0).reshape(labels.shape)
+        return logp.reshape(labels.shape)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
