@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.tiny_llama import save_tiny_llama
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignlib import demo
 
@@ -61,12 +61,7 @@ def train_records(output_dir: Path) -> list[dict]:
 def workdir(tmp_path_factory) -> Path:
     """The tiny model (model/), 24 training pairs (pairs.jsonl) and the bad inputs, in one directory."""
     root = tmp_path_factory.mktemp("cli")
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=105, max_position_embeddings=128, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=0, attention_dropout=0.1)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    demo.load_tokenizer().save_pretrained(root / "model")
+    save_tiny_llama(root / "model", attention_dropout=0.1)
     write_pairs(root / "pairs.jsonl", demo.read_pairs()[:24])
     return root
 

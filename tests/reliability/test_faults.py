@@ -53,8 +53,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.tiny_llama import save_tiny_llama
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignlib import demo
 from alignlib.training import (
@@ -85,12 +85,7 @@ def workspace():
     tmp_path is private to root): the tiny model (model/), 12 pairs (pairs.jsonl), logs/."""
     root = Path(tempfile.mkdtemp(prefix="alignlib-faults-"))
     root.chmod(0o755)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=105, max_position_embeddings=128, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=0, attention_dropout=0.1)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    demo.load_tokenizer().save_pretrained(root / "model")
+    save_tiny_llama(root / "model", attention_dropout=0.1)
     for path in (root / "model").iterdir():
         path.chmod(0o644)  # transformers writes model.safetensors 0o600
     (root / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in demo.read_pairs()[:12]))
