@@ -160,12 +160,15 @@ def train_command(args: list[str]) -> int:
     cfg, model_cfg = parse_config((TrainConfig, ModelConfig), rest, prog=f"alignlib train {objective}",
                                   demo_defaults=demo_defaults)
     if demo:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("the embedded demo runs in one process: under torchrun give --model and --dataset")
         _use_demo_data(cfg, model_cfg)
     elif not model_cfg.model_name_or_path or not cfg.dataset_name:
         missing = "--model" if not model_cfg.model_name_or_path else "--dataset"
         raise ValueError(f"{missing} is missing (give both --model and --dataset, or neither for the embedded demo)")
     result = train(objective, cfg, model_cfg)
-    _report(objective, result, demo, model_cfg)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report
+        _report(objective, result, demo, model_cfg)
     return 0
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import time
@@ -435,6 +436,9 @@ def train(objective: str, cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResu
     try:
         return _train(objective, cfg, model_cfg, processes)
     finally:
+        # DDP's wrapper sits in reference cycles (its hooks): collect it while the process group
+        # still exists, not at interpreter exit after destroy_process_group (gloo then aborts).
+        gc.collect()
         teardown(processes)
 
 

@@ -118,10 +118,11 @@ def test_dpo_two_ranks_of_4_equal_one_process_of_8(model_dir, pairs, heldout, tm
     single_process("dpo", tmp_path / "one", model_cfg, dataset_name=pairs, eval_dataset_name=heldout,
                    per_device_train_batch_size=8)
     for parallelism in ("ddp", "fsdp"):
-        torchrun("dpo", {"model": model_dir, "dataset": pairs, "eval_dataset": heldout,
+        run = torchrun("dpo", {"model": model_dir, "dataset": pairs, "eval_dataset": heldout,
                          "output_dir": tmp_path / parallelism, "fsdp": parallelism == "fsdp",
                          "per_device_train_batch_size": 4, **COMMON})
         assert_same_run(tmp_path / "one", tmp_path / parallelism, steps=3)
+        assert run.stdout.count("trained 3 steps") == 1  # rank 0 reports, once
         before_after_one, before_after_two = eval_records(tmp_path / "one"), eval_records(tmp_path / parallelism)
         assert len(before_after_two) == 2
         for one, two in zip(before_after_one, before_after_two, strict=True):

@@ -89,9 +89,17 @@ def clamp_to_finite(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-largest, largest)
 
 
+# The smallest positive coefficient accepted: float32's smallest normal number. A Python float
+# below it becomes 0 (or a subnormal) in float32 tensor arithmetic, and then 0 / 0 = NaN.
+MIN_POSITIVE = float(torch.finfo(torch.float32).tiny)
+
+
 def check_positive(name: str, value: float, upper: float | None = None) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if value < MIN_POSITIVE:
+        raise ValueError(f"{name} must be at least {MIN_POSITIVE:.3g} (float32's smallest normal number; smaller "
+                         f"values are 0 in float32 arithmetic), got {value!r}")
     if upper is not None and value > upper:
         raise ValueError(f"{name} must be at most {upper:g}, got {value!r}: beyond that the losses overflow float32")
 
