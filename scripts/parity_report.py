@@ -3,8 +3,10 @@
     python scripts/parity_report.py            # rewrites docs/parity.md
     python scripts/parity_report.py --check    # exits 1 if any row is out of tolerance
 
-Runs the same comparisons as tests/losses/test_trl_parity.py (tests/helpers/parity.py),
-so it needs the test extra (TRL 1.16) installed.
+Runs the parity tests themselves (tests/losses/test_trl_parity.py and test_ppo_golden.py,
+through pytest) and gathers every comparison they make (helpers.parity.Comparison) into one
+row per variant, so the document shows exactly what the tests check. Needs the test extra
+(TRL 1.16) installed.
 """
 
 from __future__ import annotations
@@ -12,15 +14,18 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the helpers package; never the repo root (see pyproject)
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 import trl  # noqa: E402
-from helpers.parity import ROW_BUILDERS, ParityRow  # noqa: E402
+from helpers.parity import SECTIONS, Comparison, Variant, recording  # noqa: E402
+
+TESTS = ("tests/losses/test_trl_parity.py", "tests/losses/test_ppo_golden.py")
 
 INTRO = """# Parity with TRL
 
@@ -37,13 +42,17 @@ the same with B=1, and magnitudes log-uniform down to -1e4 ("extreme"), each wit
 {0.01, 0.1, 1, 10}. Length-normalised types get response lengths from 0 to 4095.
 
 A row passes when every compared value satisfies |alignlib - TRL| <= atol + rtol |TRL|.
-Columns: `cases` input sets x betas; `values` numbers compared; `max abs` and
-`max rel` the largest differences seen (relative over values with |TRL| > 1e-8);
+Columns: `cases` the test cases (input sets x betas); `values` numbers compared; `max abs`
+and `max rel` the largest differences seen (relative over values with |TRL| > 1e-8);
 `TRL inf/NaN` values where TRL overflowed or produced NaN and alignlib gave a finite
 number (excluded from the differences); `both inf` values that overflow in both (the true
 value exceeds the dtype's range, e.g. IPO's square of a saturated forward-KL score).
 
-Regenerate with `python scripts/parity_report.py` (needs `pip install -e ".[test]"`).
+Each row gathers the test cases of one variant in `tests/losses/test_trl_parity.py` (the
+DPO, ORPO, CPO and reward rows) or `tests/losses/test_ppo_golden.py` (the PPO rows), where
+the inputs, both calls and the comparisons can be read; `tests/helpers/parity.py` defines
+the variants, inputs and tolerances. Regenerate with `python scripts/parity_report.py`
+(needs `pip install -e ".[test]"`): it runs those tests and writes what they compared.
 """
 
 NOTES = """
@@ -86,6 +95,56 @@ def fmt(x: float) -> str:
     return "0" if x == 0 else f"{x:.1e}"
 
 
+@dataclass
+class ParityRow:
+    """One variant's test cases, aggregated: the largest differences and the counts."""
+
+    variant: Variant
+    cases: int = 0
+    compared: int = 0
+    trl_only_nonfinite: int = 0
+    both_nonfinite: int = 0
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.cases > 0 and self.compared > 0 and not self.failures
+
+    def add(self, comparison: Comparison, test_failed: bool) -> None:
+        self.cases += 1
+        self.compared += comparison.compared
+        self.trl_only_nonfinite += comparison.trl_only_nonfinite
+        self.both_nonfinite += comparison.both_nonfinite
+        self.max_abs = max(self.max_abs, comparison.max_abs)
+        self.max_rel = max(self.max_rel, comparison.max_rel)
+        self.failures += comparison.failures
+        if test_failed and not comparison.failures:
+            self.failures.append(f"{comparison.test} failed")
+
+
+class FailedTests:
+    """A pytest plugin that notes the id of every test that fails."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+
+    def pytest_runtest_logreport(self, report) -> None:
+        if report.failed:
+            self.ids.add(report.nodeid)
+
+
+def run_tests() -> tuple[int, list[Comparison], set[str]]:
+    """Run the parity tests; return pytest's exit code, every Comparison made, and the failed tests."""
+    failed = FailedTests()
+    args = [str(REPO / path) for path in TESTS]
+    args += ["-q", "-p", "no:cacheprovider", "-W", "ignore", "--rootdir", str(REPO)]
+    with recording() as comparisons:
+        status = pytest.main(args, plugins=[failed])
+    return int(status), comparisons, failed.ids
+
+
 def table(rows: list[ParityRow]) -> str:
     lines = [
         "| loss | variant | dtype | rtol / atol | cases | values | max abs | max rel | TRL inf/NaN | both inf | ok |",
@@ -93,7 +152,8 @@ def table(rows: list[ParityRow]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| `{r.family}` | {r.variant} | {r.dtype} | {r.rtol:g} / {r.atol:g} | {r.cases} | {r.compared} | "
+            f"| `{r.variant.family}` | {r.variant.name} | {str(r.variant.dtype).removeprefix('torch.')} | "
+            f"{r.variant.rtol:g} / {r.variant.atol:g} | {r.cases} | {r.compared} | "
             f"{fmt(r.max_abs)} | {fmt(r.max_rel)} | {r.trl_only_nonfinite} | {r.both_nonfinite} | "
             f"{'yes' if r.ok else '**NO**'} |"
         )
@@ -106,14 +166,20 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "docs" / "parity.md"))
     args = parser.parse_args()
 
-    warnings.filterwarnings("ignore")
+    status, comparisons, failed_tests = run_tests()
+    rows = {(v.family, v.name): ParityRow(v) for variants in SECTIONS.values() for v in variants}
+    for comparison in comparisons:
+        key = (comparison.variant.family, comparison.variant.name)
+        if key not in rows:
+            print(f"a test compared variant {key}, which no section of helpers.parity.SECTIONS lists")
+            status = status or 1
+            continue
+        rows[key].add(comparison, comparison.test in failed_tests)
     sections, all_rows = [], []
-    titles = {"dpo": "DPO", "orpo": "ORPO", "cpo": "CPO and SimPO", "reward": "Reward model",
-              "ppo_classic": "PPO with a KL penalty (classic TRL 0.11.4)", "ppo_trl025": "PPO (TRL 0.25.1)"}
-    for key, build in ROW_BUILDERS.items():
-        rows = build()
-        all_rows += rows
-        sections.append(f"## {titles.get(key, key)}\n\n{table(rows)}\n")
+    for title, variants in SECTIONS.items():
+        section_rows = [rows[(v.family, v.name)] for v in variants]
+        all_rows += section_rows
+        sections.append(f"## {title}\n\n{table(section_rows)}\n")
     bad = [r for r in all_rows if not r.ok]
     header = (
         f"Generated by `python scripts/parity_report.py` with trl {trl.__version__}, torch {torch.__version__}, "
@@ -125,9 +191,12 @@ def main() -> int:
         Path(args.out).write_text(text)
         print(f"wrote {args.out}")
     for r in bad:
-        print(f"OUT OF TOLERANCE: {r.family} / {r.variant}: {r.failures[:3]}")
+        why = r.failures[:3] or "no test case ran"
+        print(f"OUT OF TOLERANCE: {r.variant.family} / {r.variant.name}: {why}")
     print(header.strip())
-    return 1 if bad else 0
+    if status != 0:
+        print(f"the parity tests exited with status {status}; failed: {sorted(failed_tests)[:10]}")
+    return 1 if bad or status != 0 else 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,19 @@
 """Preference-alignment losses as pure functions of tensors.
 
-Each function takes per-sequence (or, for PPO, per-token) log-probs and returns a
-NamedTuple whose first fields are the unreduced `losses` and the detached
-`chosen_rewards` / `rejected_rewards`. Nothing here touches a model or a trainer.
+The pairwise losses (dpo_loss, cpo_loss, simpo_loss, orpo_loss, reward_ranking_loss) take
+per-sequence log-probs (or rewards) of shape (B,) and return a NamedTuple whose first three
+fields are the unreduced per-pair `losses` and the detached `chosen_rewards` /
+`rejected_rewards`: reduce `losses` yourself, usually with `.mean()`.
+
+The PPO pieces take per-token (B, T) tensors and a response mask. ppo_policy_loss,
+ppo_value_loss and ppo_loss return `loss`, already reduced: the mean over the response
+tokens of the whole batch (ppo_policy_loss and ppo_value_loss also return the unreduced
+`per_token_losses`). kl_penalty, kl_shaped_rewards, gae_advantages, whiten and
+penalize_missing_eos compute what feeds them, per token or per sequence, unreduced;
+masked_mean is the reduction; the KL controllers hold the KL coefficient.
+
+Nothing here touches a model or a trainer. A bad argument raises a ValueError that names it;
+the checks of scalar options (beta, label_smoothing, the coefficients) are shared, in _checks.
 """
 
 from .cpo import CPO_LOSS_TYPES, CPOLossOutput, cpo_loss, simpo_loss

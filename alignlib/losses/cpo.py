@@ -21,7 +21,6 @@ CPO losses, length-averaged log-probs for ipo and simpo.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -30,14 +29,21 @@ import torch.nn.functional as F
 from ._checks import (
     EXP_MAX,
     MAX_COEFFICIENT,
+    Interval,
     check_batch,
     check_choice,
     check_coefficient,
+    check_label_smoothing,
     check_positive,
     clamp_to_finite,
 )
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+# Loss types that read label_smoothing (conservative DPO's eps), and the interval each accepts.
+_LABEL_SMOOTHING_RANGES = {
+    "sigmoid": Interval(0.0, 0.5, high_open=True),
+    "simpo": Interval(0.0, 0.5, high_open=True),
+}
 # AlphaPO's alpha below this in magnitude is taken as its limit alpha -> 0, r = log P. The
 # two differ by a relative |alpha log P| / 2: under float32 round-off for any |log P| <= 2^40
 # (float64's for |log P| <= 1e4). A smaller alpha breaks the formula: backward divides the
@@ -69,7 +75,7 @@ def simpo_loss(
     Args:
         policy_chosen_logps: (B,) log pi(y_w|x) averaged over the response tokens.
         policy_rejected_logps: (B,) the same for y_l.
-        beta: in (0, 1e6], the reward scale (the paper uses 2.0 to 2.5).
+        beta: in (0, 1e6], not below 1.18e-38; the reward scale (the paper uses 2.0 to 2.5).
         gamma: the target reward margin, in [-1e6, 1e6] (TRL's `simpo_gamma`; the paper uses 0.5 to 1.6).
         label_smoothing: eps in [0, 0.5), as in conservative DPO.
         alpha: AlphaPO's reward shape, in [-1e6, 1e6]; 0 (or |alpha| < 1e-20) is plain SimPO.
@@ -77,8 +83,8 @@ def simpo_loss(
     Returns:
         CPOLossOutput(losses, chosen_rewards, rejected_rewards), each (B,).
     """
-    r_w, r_l, dtype = _rewards(policy_chosen_logps, policy_rejected_logps, beta, alpha)
-    _check_smoothing(label_smoothing, "simpo")
+    r_w, r_l = _rewards(policy_chosen_logps, policy_rejected_logps, beta, alpha)
+    check_label_smoothing(label_smoothing, "simpo", _LABEL_SMOOTHING_RANGES)
     check_coefficient("gamma", gamma)
     eps = label_smoothing
 
@@ -116,7 +122,7 @@ def cpo_loss(
     Args:
         policy_chosen_logps, policy_rejected_logps: (B,) log pi(y|x), summed over
             response tokens for sigmoid/hinge, averaged for ipo/simpo (as TRL does).
-        beta: in (0, 1e6], the reward scale (the IPO regulariser tau for ipo).
+        beta: in (0, 1e6], not below 1.18e-38; the reward scale (the IPO regulariser tau for ipo).
         loss_type: one of CPO_LOSS_TYPES.
         label_smoothing: eps in [0, 0.5) for sigmoid and simpo; must be 0 otherwise.
         simpo_gamma: SimPO's target margin, read only by loss_type='simpo'.
@@ -135,8 +141,8 @@ def cpo_loss(
             label_smoothing=label_smoothing,
             alpha=alpha,
         )
-    r_w, r_l, dtype = _rewards(policy_chosen_logps, policy_rejected_logps, beta, alpha)
-    _check_smoothing(label_smoothing, loss_type)
+    r_w, r_l = _rewards(policy_chosen_logps, policy_rejected_logps, beta, alpha)
+    check_label_smoothing(label_smoothing, loss_type, _LABEL_SMOOTHING_RANGES)
     eps = label_smoothing
 
     m = r_w - r_l
@@ -152,14 +158,14 @@ def cpo_loss(
 
 def _rewards(
     chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float, alpha: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
-    """Check the inputs; return r(y_w), r(y_l) in the compute dtype."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check the inputs, beta and alpha; return r(y_w), r(y_l) in the compute dtype."""
     dtype = check_batch(policy_chosen_logps=chosen_logps, policy_rejected_logps=rejected_logps)
     check_positive("beta", beta, upper=MAX_COEFFICIENT)
     check_coefficient("alpha", alpha)
     logp_w, logp_l = chosen_logps.to(dtype), rejected_logps.to(dtype)
     if abs(alpha) < ALPHA_ZERO:
-        return logp_w, logp_l, dtype
+        return logp_w, logp_l
     # AlphaPO: r = (1 - P^-alpha) / alpha = -expm1(-alpha log P) / alpha, which keeps
     # its digits as log P -> 0 (where 1 - P^-alpha cancels). For alpha > 0 it falls like
     # -P^-alpha / alpha, beyond any dtype for small P: the exponent is clamped (as TRL's
@@ -169,16 +175,4 @@ def _rewards(
     cap = EXP_MAX[dtype]
     r_w = clamp_to_finite(-torch.expm1((-alpha * logp_w).clamp(-cap, cap)) / alpha)
     r_l = clamp_to_finite(-torch.expm1((-alpha * logp_l).clamp(-cap, cap)) / alpha)
-    return r_w, r_l, dtype
-
-
-def _check_smoothing(label_smoothing: float, loss_type: str) -> None:
-    if not isinstance(label_smoothing, (int, float)) or not math.isfinite(label_smoothing):
-        raise ValueError(f"label_smoothing must be a finite number, got {label_smoothing!r}")
-    if loss_type in ("sigmoid", "simpo"):
-        if not 0 <= label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type={loss_type!r}, got {label_smoothing}")
-    elif label_smoothing != 0:
-        raise ValueError(
-            f"label_smoothing={label_smoothing} has no effect on loss_type={loss_type!r}; only sigmoid and simpo read it"
-        )
+    return r_w, r_l

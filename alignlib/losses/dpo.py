@@ -30,9 +30,11 @@ from ._checks import (
     EXP_MAX,
     MAX_COEFFICIENT,
     MAX_MAGNITUDE,
+    Interval,
     check_batch,
     check_choice,
     check_coefficient,
+    check_label_smoothing,
     check_lengths,
     check_positive,
     clamp_to_finite,
@@ -59,14 +61,16 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 # Loss types built on the score difference s(u_w) - s(u_l); only these have an
 # f-divergence generalisation (f-DPO, Wang et al., 2023). The rest use u directly.
 _F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop")
-# Loss types that read label_smoothing, and the open/closed range each accepts.
+# Loss types that read label_smoothing, and the interval each accepts: eps = 0.5 makes a
+# label a coin flip (robust divides by 1 - 2 eps), and EXO takes log(eps).
 _LABEL_SMOOTHING_RANGES = {
-    "sigmoid": (0.0, 0.5, "[0, 0.5)"),
-    "robust": (0.0, 0.5, "[0, 0.5)"),
-    "aot": (0.0, 0.5, "[0, 0.5)"),
-    "aot_unpaired": (0.0, 0.5, "[0, 0.5)"),
-    "exo_pair": (0.0, 0.5, "(0, 0.5)"),
+    "sigmoid": Interval(0.0, 0.5, high_open=True),
+    "robust": Interval(0.0, 0.5, high_open=True),
+    "aot": Interval(0.0, 0.5, high_open=True),
+    "aot_unpaired": Interval(0.0, 0.5, high_open=True),
+    "exo_pair": Interval(0.0, 0.5, low_open=True, high_open=True),
 }
+_LABEL_SMOOTHING_HINTS = {"exo_pair": "the EXO paper uses 1e-3"}
 
 
 class DPOLossOutput(NamedTuple):
@@ -128,7 +132,8 @@ def dpo_loss(
         policy_rejected_logps: (B,) log pi_theta(y_l | x), summed over response tokens.
         ref_chosen_logps: (B,) log pi_ref(y_w | x).
         ref_rejected_logps: (B,) log pi_ref(y_l | x).
-        beta: in (0, 1e6]. The KL strength (DPO's beta); for ipo the regulariser tau.
+        beta: in (0, 1e6], not below 1.18e-38 (float32's smallest normal number). The KL
+            strength (DPO's beta); for ipo the regulariser tau.
         loss_type: one of DPO_LOSS_TYPES (TRL 1.16's DPOTrainer types, less `sft`).
         label_smoothing: eps, the assumed probability that a label is flipped. Read
             by sigmoid (conservative DPO), robust, aot and aot_unpaired (in [0, 0.5))
@@ -141,7 +146,7 @@ def dpo_loss(
             only by the loss types built on h (sigmoid, sigmoid_norm, hinge, ipo,
             exo_pair, robust, discopop).
         f_alpha_divergence_coef: alpha for alpha_divergence, in [-1e6, 1e6] (alpha = 1 is reverse KL).
-        discopop_tau: > 0, the temperature of DiscoPOP's mixing weight.
+        discopop_tau: > 0 (and not below 1.18e-38), the temperature of DiscoPOP's mixing weight.
 
     Returns:
         DPOLossOutput(losses (B,), chosen_rewards (B,), rejected_rewards (B,)),
@@ -166,7 +171,7 @@ def dpo_loss(
     check_positive("beta", beta, upper=MAX_COEFFICIENT)
     check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
     check_choice("f_divergence_type", f_divergence_type, F_DIVERGENCES)
-    _check_label_smoothing(label_smoothing, loss_type)
+    check_label_smoothing(label_smoothing, loss_type, _LABEL_SMOOTHING_RANGES, _LABEL_SMOOTHING_HINTS)
     if f_divergence_type != "reverse_kl" and loss_type not in _F_DIVERGENCE_LOSS_TYPES:
         raise ValueError(
             f"f_divergence_type={f_divergence_type!r} is only defined for loss types built on the score "
@@ -236,8 +241,8 @@ def dpo_loss(
         m = torch.sigmoid(x / discopop_tau)  # mixing weight, -> 1 for confident pairs
         # m * exp(-x) written as exp(log m - x): equal, and finite where exp(-x)
         # alone would overflow against an m that underflows to 0. For tau <= 1 the
-        # exponent never exceeds -log 2; for tau > 1 it grows like |x| (1 - 1/tau) as
-        # x -> -inf, so it saturates at log(MAX_MAGNITUDE) (see _checks).
+        # exponent never exceeds 0; for tau > 1 it grows like |x| (1 - 1/tau) as
+        # x -> -inf, so it is clamped at log(MAX_MAGNITUDE): the term saturates at 2^40.
         log_m_exp = (F.logsigmoid(x / discopop_tau) - x).clamp(max=math.log(MAX_MAGNITUDE))
         losses = (1 - m) * -F.logsigmoid(x) + torch.exp(log_m_exp)
     elif loss_type == "sigmoid_norm":
@@ -269,23 +274,5 @@ def _f_divergence_score(u: torch.Tensor, f_divergence_type: str, alpha: float) -
     # Clamped on both sides: below -EXP_MAX, exp(t) - 1 is -1 to the last digit, and a
     # gradient that reaches it as inf times exp(t) = 0 would be NaN.
     t = ((alpha - 1.0) * u).clamp(-EXP_MAX[u.dtype], EXP_MAX[u.dtype])
-    return clamp_to_finite((torch.exp(t) - 1.0) / (alpha - 1.0))  # inf for alpha close to 1
-
-
-def _check_label_smoothing(label_smoothing: float, loss_type: str) -> None:
-    if not isinstance(label_smoothing, (int, float)) or not math.isfinite(label_smoothing):
-        raise ValueError(f"label_smoothing must be a finite number, got {label_smoothing!r}")
-    if loss_type not in _LABEL_SMOOTHING_RANGES:
-        if label_smoothing != 0:
-            raise ValueError(
-                f"label_smoothing={label_smoothing} has no effect on loss_type={loss_type!r}; it is read only by "
-                f"{', '.join(_LABEL_SMOOTHING_RANGES)}"
-            )
-        return
-    low, high, shown = _LABEL_SMOOTHING_RANGES[loss_type]
-    low_ok = label_smoothing > low if loss_type == "exo_pair" else label_smoothing >= low
-    if not (low_ok and label_smoothing < high):
-        hint = " (the EXO paper uses 1e-3)" if loss_type == "exo_pair" else ""
-        raise ValueError(
-            f"label_smoothing must lie in {shown} for loss_type={loss_type!r}{hint}, got {label_smoothing}"
-        )
+    # For alpha close to 1 the quotient can overflow; clamp_to_finite keeps it finite.
+    return clamp_to_finite((torch.exp(t) - 1.0) / (alpha - 1.0))

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ._checks import MAX_COEFFICIENT, check_batch, check_positive
 
 # log P at or above this is treated as this value: at P = 1 the odds are infinite.
-# Length-averaged log-probs that close to 0 are indistinguishable from 0 in float32.
+# A length-averaged log-prob that close to 0 means P = 1 to float32's precision.
 MAX_LOGP = -1e-12
 
 
@@ -84,7 +84,7 @@ def orpo_loss(
         policy_chosen_logps: (B,) mean per-token log-prob of the chosen response,
             log P(y_w|x) averaged over its tokens (ORPO uses averages, not sums).
         policy_rejected_logps: (B,) the same for the rejected response.
-        beta: in (0, 1e6], the weight lambda of the odds-ratio term against the NLL.
+        beta: in (0, 1e6], not below 1.18e-38; the weight lambda of the odds-ratio term against the NLL.
 
     Inputs must lie in [-2^40, 0] (2^40 = 1.1e12; else ValueError); values in (-1e-12, 0]
     are read as -1e-12 (P = 1 has infinite odds). Over that whole range, and for beta in

@@ -40,7 +40,17 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ._checks import MAX_COEFFICIENT, MAX_MAGNITUDE, check_finite, compute_dtype
+from ._checks import (
+    MAX_COEFFICIENT,
+    UNIT_INTERVAL,
+    check_finite,
+    check_positive,
+    check_range,
+    check_rollout,
+    check_same_shape,
+    on_mask,
+    upcast,
+)
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "mse")
 # exp(log-ratio) is taken at most at e^20 (see the module docstring).
@@ -75,8 +85,8 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     """
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; known: {', '.join(KL_ESTIMATORS)}")
-    _check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
-    logprobs, ref_logprobs = _upcast(logprobs, ref_logprobs)
+    check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
+    logprobs, ref_logprobs = upcast(logprobs, ref_logprobs)
     log_r = logprobs - ref_logprobs
     if estimator == "k1":
         return log_r
@@ -112,15 +122,15 @@ def kl_shaped_rewards(
         logprobs: (B, T) log pi of each response token (the rollout policy).
         ref_logprobs: (B, T) log pi_ref of the same tokens.
         mask: (B, T) True (or 1) on response tokens; every row needs at least one.
-        kl_coef: in [0, 1e6], the KL weight (an AdaptiveKLController's `.value`).
+        kl_coef: in [0, 1e6], 0 or not below 1.18e-38; the KL weight (an AdaptiveKLController's `.value`).
         estimator: which KL estimate (see kl_penalty).
 
     Returns:
         ShapedRewards(rewards, kl, non_score_rewards), each (B, T).
     """
-    mask = _check_rollout(mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
+    mask = check_rollout(mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
     _check_scores(scores, logprobs)
-    _check_positive_number("kl_coef", kl_coef, allow_zero=True, upper=MAX_COEFFICIENT)
+    check_positive("kl_coef", kl_coef, allow_zero=True, upper=MAX_COEFFICIENT)
 
     kl = torch.where(mask, kl_penalty(logprobs, ref_logprobs, estimator), 0.0)
     non_score_rewards = -kl_coef * kl
@@ -143,8 +153,7 @@ def penalize_missing_eos(scores: torch.Tensor, contains_eos: torch.Tensor, penal
         raise ValueError(f"contains_eos has shape {tuple(contains_eos.shape)}, scores {tuple(scores.shape)}")
     if penalty is None:
         return scores
-    if not isinstance(penalty, (int, float)) or not math.isfinite(penalty) or penalty < 0:
-        raise ValueError(f"missing_eos_penalty must be a finite number >= 0, got {penalty!r}")
+    check_positive("penalty (missing_eos_penalty)", penalty, allow_zero=True)
     return torch.where(contains_eos.bool(), scores, scores - penalty)
 
 
@@ -183,12 +192,11 @@ def gae_advantages(
         gamma: discount in [0, 1].
         lam: GAE's lambda in [0, 1].
     """
-    mask = _check_rollout(mask, rewards=rewards, values=values)
-    for name, value in (("gamma", gamma), ("lam", lam)):
-        if not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+    mask = check_rollout(mask, rewards=rewards, values=values)
+    check_range("gamma", gamma, UNIT_INTERVAL)
+    check_range("lam", lam, UNIT_INTERVAL)
 
-    rewards, values = _on_mask(mask, rewards, values)
+    rewards, values = on_mask(mask, rewards, values)
     T = rewards.shape[1]
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(rewards[:, 0])
@@ -217,9 +225,9 @@ def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool =
     """
     if mask is None:
         mask = torch.ones_like(x, dtype=torch.bool)
-    mask = _check_rollout(mask, require_every_row=False, x=x)
-    _check_positive_number("eps", eps)
-    (x,) = _on_mask(mask, x)
+    mask = check_rollout(mask, require_every_row=False, x=x)
+    check_positive("eps", eps)
+    (x,) = on_mask(mask, x)
     n = mask.sum()
     if int(n) < 2:
         raise ValueError(f"whiten needs at least 2 unmasked values for a variance, got {int(n)}")
@@ -270,9 +278,9 @@ def ppo_policy_loss(
         mask: (B, T) True on response tokens.
         cliprange: eps > 0.
     """
-    mask = _check_rollout(mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
-    _check_positive_number("cliprange", cliprange)
-    logprobs, old_logprobs, advantages = _on_mask(mask, logprobs, old_logprobs, advantages)
+    mask = check_rollout(mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
+    check_positive("cliprange", cliprange)
+    logprobs, old_logprobs, advantages = on_mask(mask, logprobs, old_logprobs, advantages)
 
     log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
     ratio = torch.exp(log_ratio.clamp(max=LOG_RATIO_MAX))
@@ -314,9 +322,9 @@ def ppo_value_loss(
         mask: (B, T) True on response tokens.
         cliprange_value: eps > 0, how far V may move from V_old before the clip bites.
     """
-    mask = _check_rollout(mask, values=values, old_values=old_values, returns=returns)
-    _check_positive_number("cliprange_value", cliprange_value)
-    values, old_values, returns = _on_mask(mask, values, old_values, returns)
+    mask = check_rollout(mask, values=values, old_values=old_values, returns=returns)
+    check_positive("cliprange_value", cliprange_value)
+    values, old_values, returns = on_mask(mask, values, old_values, returns)
 
     values_clipped = torch.max(torch.min(values, old_values + cliprange_value), old_values - cliprange_value)
     error_unclipped = (values - returns) ** 2
@@ -365,15 +373,15 @@ def ppo_loss(
     PPOConfig: cliprange 0.2, cliprange_value 0.2, vf_coef 0.1). `entropy` is an
     optional (B, T) per-token entropy of the policy (with grad) for a bonus.
     """
-    _check_positive_number("vf_coef", vf_coef, allow_zero=True, upper=MAX_COEFFICIENT)
-    _check_positive_number("entropy_coef", entropy_coef, allow_zero=True, upper=MAX_COEFFICIENT)
+    check_positive("vf_coef", vf_coef, allow_zero=True, upper=MAX_COEFFICIENT)
+    check_positive("entropy_coef", entropy_coef, allow_zero=True, upper=MAX_COEFFICIENT)
     policy = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange)
     value = ppo_value_loss(values, old_values, returns, mask, cliprange_value)
     loss = policy.loss + vf_coef * value.loss
     mean_entropy = None
     if entropy is not None:
-        mask_b = _check_rollout(mask, entropy=entropy, logprobs=logprobs)
-        mean_entropy = masked_mean(*_on_mask(mask_b, entropy), mask_b)
+        mask_b = check_rollout(mask, entropy=entropy, logprobs=logprobs)
+        mean_entropy = masked_mean(*on_mask(mask_b, entropy), mask_b)
         loss = loss - entropy_coef * mean_entropy
     elif entropy_coef != 0:
         raise ValueError("entropy_coef is non-zero but no entropy was given")
@@ -402,9 +410,9 @@ class AdaptiveKLController:
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: float):
-        _check_positive_number("init_kl_coef", init_kl_coef, allow_zero=True, upper=MAX_COEFFICIENT)
-        _check_positive_number("target", target)
-        _check_positive_number("horizon", horizon)
+        check_positive("init_kl_coef", init_kl_coef, allow_zero=True, upper=MAX_COEFFICIENT)
+        check_positive("target", target)
+        check_positive("horizon", horizon)
         self.value = float(init_kl_coef)
         self.target = float(target)
         self.horizon = float(horizon)
@@ -432,7 +440,7 @@ class FixedKLController:
     """A constant kl_coef, with the same interface as AdaptiveKLController."""
 
     def __init__(self, kl_coef: float):
-        _check_positive_number("kl_coef", kl_coef, allow_zero=True, upper=MAX_COEFFICIENT)
+        check_positive("kl_coef", kl_coef, allow_zero=True, upper=MAX_COEFFICIENT)
         self.value = float(kl_coef)
 
     def update(self, current_kl: float, n_steps: int) -> None:
@@ -440,7 +448,7 @@ class FixedKLController:
 
 
 # ---------------------------------------------------------------------------
-# Checks
+# Masks, and the check of a sequence score (the (B, T) checks are in _checks)
 # ---------------------------------------------------------------------------
 
 
@@ -451,77 +459,9 @@ def last_true_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, positions, -1).max(dim=1).values
 
 
-def _check_same_shape(**named: torch.Tensor) -> None:
-    shape, first = None, None
-    for name, value in named.items():
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point torch.Tensor, got {getattr(value, 'dtype', type(value))}")
-        if shape is None:
-            shape, first = value.shape, name
-        elif value.shape != shape:
-            raise ValueError(f"{name} has shape {tuple(value.shape)} but {first} has shape {tuple(shape)}")
-
-
-def _check_rollout(mask: torch.Tensor, require_every_row: bool = True, **named: torch.Tensor) -> torch.Tensor:
-    """Check (B, T) tensors against their mask; return the mask as bool. Values must be finite on the mask.
-
-    require_every_row: each row is a response and needs at least one token (not so for whiten).
-    """
-    _check_same_shape(**named)
-    like_name, like = next(iter(named.items()))
-    if like.dim() != 2:
-        raise ValueError(f"{like_name} must have shape (B, T), one row per response; got {tuple(like.shape)}")
-    if like.numel() == 0:
-        raise ValueError(f"{like_name} is empty (shape {tuple(like.shape)})")
-    if not isinstance(mask, torch.Tensor) or mask.shape != like.shape:
-        raise ValueError(f"mask must have shape {tuple(like.shape)} like {like_name}, got {tuple(getattr(mask, 'shape', ()))}")
-    if mask.dtype != torch.bool:
-        if bool(((mask != 0) & (mask != 1)).any()):
-            raise ValueError("mask must hold only 0/1 (or be bool)")
-        mask = mask.bool()
-    if require_every_row and not bool(mask.any(dim=1).all()):
-        empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
-        raise ValueError(f"mask rows {empty[:8]} have no response token")
-    for name, value in named.items():
-        # One reduction; NaN fails the comparison too. Padding may hold anything.
-        if not bool(torch.where(mask, value.abs() <= MAX_MAGNITUDE, True).all()):
-            if not bool(torch.isfinite(value[mask]).all()):
-                raise ValueError(f"{name} has non-finite values on response tokens")
-            raise ValueError(
-                f"{name} has values of magnitude up to {value[mask].abs().max().item():.3g} on response tokens, "
-                f"beyond the losses' domain |x| <= 2^40 = {MAX_MAGNITUDE:.2g}"
-            )
-    return mask
-
-
 def _check_scores(scores: torch.Tensor, like: torch.Tensor) -> None:
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point():
         raise ValueError(f"scores must be a floating-point torch.Tensor, got {getattr(scores, 'dtype', type(scores))}")
     if scores.shape != like.shape[:1]:
         raise ValueError(f"scores must have shape ({like.shape[0]},), one per response; got {tuple(scores.shape)}")
     check_finite("scores", scores)
-
-
-def _upcast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The tensors in the compute dtype: float32, or float64 if any is float64 (bf16/fp16 are upcast)."""
-    dtype = compute_dtype(*tensors)
-    return tuple(t.to(dtype) for t in tensors)
-
-
-def _on_mask(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The tensors upcast, with padding set to 0 before any arithmetic.
-
-    Zeroing only the result would not do: backward multiplies the zero gradient by the
-    local derivative, and 0 * inf filler is NaN (in the padding's gradient, and through a
-    mean, in every entry's).
-    """
-    return tuple(torch.where(mask, t, 0.0) for t in _upcast(*tensors))
-
-
-def _check_positive_number(name: str, value: float, allow_zero: bool = False, upper: float | None = None) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    if upper is not None and value > upper:
-        raise ValueError(f"{name} must be at most {upper:g}, got {value!r}: beyond that the losses overflow float32")

@@ -15,13 +15,12 @@ Terry, 1952; InstructGPT, Ouyang et al., 2022, eq. 1):
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from ._checks import MAX_COEFFICIENT, check_batch, check_finite
+from ._checks import MAX_COEFFICIENT, check_batch, check_finite, check_positive
 
 
 class RewardLossOutput(NamedTuple):
@@ -46,7 +45,8 @@ def reward_ranking_loss(
         chosen_rewards: (B,) the reward model's scalar output for (x, y_w).
         rejected_rewards: (B,) the same for (x, y_l).
         margin: (B,) tensor or a number, the required gap m; None means 0.
-        center_rewards_coefficient: c in [0, 1e6]; None means no centering term.
+        center_rewards_coefficient: c in [0, 1e6], 0 or not below 1.18e-38; None means no
+            centering term.
 
     Returns:
         RewardLossOutput(losses, chosen_rewards, rejected_rewards), each (B,),
@@ -64,12 +64,12 @@ def reward_ranking_loss(
                 f"margin must be a number or have shape {tuple(r_w.shape)} like the rewards, got {tuple(m.shape)}"
             )
         check_finite("margin", m)
+    c = center_rewards_coefficient
+    if c is not None:
+        check_positive("center_rewards_coefficient", c, allow_zero=True, upper=MAX_COEFFICIENT)
 
     losses = -F.logsigmoid(r_w - r_l - m)
-    if center_rewards_coefficient is not None:
-        c = center_rewards_coefficient
-        if not isinstance(c, (int, float)) or not math.isfinite(c) or not 0 <= c <= MAX_COEFFICIENT:
-            raise ValueError(f"center_rewards_coefficient must be a number in [0, {MAX_COEFFICIENT:g}], got {c!r}")
+    if c is not None:
         losses = losses + c * (r_w + r_l) ** 2
 
     return RewardLossOutput(losses, r_w.detach(), r_l.detach())

@@ -1,60 +1,91 @@
-"""The grid of inputs on which alignlib's losses are compared with TRL's code.
+"""The cases on which alignlib's losses are compared with TRL's code, and the comparison itself.
 
-Used by the tests (tests/losses/test_*_parity.py assert every row is within its
-tolerance) and by scripts/parity_report.py, which writes docs/parity.md from the
-same rows, so the document shows exactly what the tests check.
+tests/losses/test_trl_parity.py runs one test per case (a variant, an input set, a beta) and
+tests/losses/test_ppo_golden.py one per golden PPO record; each test feeds its values to a
+`Comparison`. scripts/parity_report.py runs those tests, gathers every Comparison they made
+and writes one row of docs/parity.md per `Variant`, so the document shows exactly what the
+tests check.
 
-Each row is one loss variant over every input set and beta: the largest
-difference seen between alignlib and TRL in the batch loss, in the gradients
-with respect to every input, and in the per-pair outputs or logged metrics.
+A Variant is a loss with fixed options (e.g. dpo_loss with loss_type="robust",
+label_smoothing=0.1), compared at one tolerance, with a note on why when that tolerance is
+float32's. The input sets are fixed by their seeds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
-from helpers import trl_reference as trl
+from helpers.ppo_golden import CLASSIC, LATER
 
-from alignlib.losses import (
-    CPO_LOSS_TYPES,
-    DPO_LOSS_TYPES,
-    cpo_loss,
-    dpo_loss,
-    orpo_loss,
-    reward_ranking_loss,
-)
+from alignlib.losses import CPO_LOSS_TYPES, DPO_LOSS_TYPES
 
 BETAS = (0.01, 0.1, 1.0, 10.0)
 FLOAT64_RTOL, FLOAT64_ATOL = 1e-9, 1e-12
-# TRL computes some things in float32 whatever the input dtype; see each row's note.
+# TRL computes some things in float32 whatever the input dtype; see each variant's note.
 FLOAT32_RTOL, FLOAT32_ATOL = 2e-5, 1e-6
 
 
-@dataclass
-class ParityRow:
-    family: str
-    variant: str
-    dtype: str
-    rtol: float
-    atol: float
-    note: str = ""
-    cases: int = 0
-    compared: int = 0  # values compared (losses, gradients, outputs, metrics)
-    trl_only_nonfinite: int = 0  # values where TRL gave inf/NaN and alignlib a finite number
-    both_nonfinite: int = 0  # values non-finite in both (the true value overflows the dtype)
-    max_abs: float = 0.0
-    max_rel: float = 0.0
-    worst_excess: float = 0.0  # max |a - b| / (atol + rtol |b|); <= 1 passes
-    failures: list[str] = field(default_factory=list)
+@dataclass(frozen=True, eq=False)
+class Variant:
+    """One row of docs/parity.md: a loss with fixed options, compared at one tolerance."""
 
-    @property
-    def ok(self) -> bool:
-        return not self.failures and self.worst_excess <= 1.0 and self.compared > 0
+    family: str  # the alignlib function, e.g. "dpo_loss"
+    name: str  # e.g. "robust, label_smoothing=0"
+    options: dict = field(default_factory=dict)  # keyword arguments given to alignlib and to TRL alike
+    dtype: torch.dtype = torch.float64  # the inputs' dtype
+    rtol: float = FLOAT64_RTOL
+    atol: float = FLOAT64_ATOL
+    note: str = ""  # why the tolerance is float32's, or where the values come from
+    # Where TRL overflows to inf/NaN and alignlib stays finite, the value is counted, not compared
+    # (the documented exceptions of docs/parity.md). Golden PPO values are all finite: there, no such value.
+    trl_may_overflow: bool = True
 
-    def compare(self, what: str, ours: torch.Tensor | float, theirs: torch.Tensor | float) -> None:
+    def __str__(self) -> str:
+        return self.name
+
+
+_recorded: list[Comparison] | None = None
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Comparison]]:
+    """Collect every Comparison made inside the block (scripts/parity_report.py runs the tests in one)."""
+    global _recorded
+    _recorded = []
+    try:
+        yield _recorded
+    finally:
+        _recorded = None
+
+
+class Comparison:
+    """alignlib's values against TRL's for one test case, at its variant's tolerance.
+
+    compare(what, ours, theirs) checks |ours - theirs| <= atol + rtol |theirs| elementwise, and
+    that alignlib is finite wherever TRL is. Where TRL is inf or NaN and alignlib finite, or both
+    are non-finite, the value is counted instead of compared. `check()` then fails the test,
+    listing what was out of tolerance. The largest differences are kept for docs/parity.md.
+    """
+
+    def __init__(self, variant: Variant):
+        self.variant = variant
+        self.test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]  # the running test's id
+        self.compared = 0  # values compared (losses, gradients, outputs, metrics)
+        self.trl_only_nonfinite = 0  # values where TRL gave inf/NaN and alignlib a finite number
+        self.both_nonfinite = 0  # values non-finite in both (the true value overflows the dtype)
+        self.max_abs = 0.0
+        self.max_rel = 0.0  # over values with |TRL| > 1e-8
+        self.failures: list[str] = []
+        if _recorded is not None:
+            _recorded.append(self)
+
+    def __call__(self, what: str, ours: torch.Tensor | float, theirs: torch.Tensor | float) -> None:
         a = torch.as_tensor(ours, dtype=torch.float64).detach().flatten()
         b = torch.as_tensor(theirs, dtype=torch.float64).detach().flatten()
         if a.shape != b.shape:
@@ -76,15 +107,69 @@ class ParityRow:
         significant = b.abs() > 1e-8
         if bool(significant.any()):
             self.max_rel = max(self.max_rel, float((diff[significant] / b.abs()[significant]).max()))
-        excess = float((diff / (self.atol + self.rtol * b.abs())).max())
-        self.worst_excess = max(self.worst_excess, excess)
+        excess = float((diff / (self.variant.atol + self.variant.rtol * b.abs())).max())
         if excess > 1.0:
-            self.failures.append(f"{what}: |diff| {float(diff.max()):.3g} beyond tolerance")
+            worst = int((diff / (self.variant.atol + self.variant.rtol * b.abs())).argmax())
+            tolerance = f"atol {self.variant.atol:g} + rtol {self.variant.rtol:g} |TRL|"
+            self.failures.append(
+                f"{what}: |alignlib - TRL| = {float(diff[worst]):.3g} at alignlib {float(a[worst])!r}, "
+                f"TRL {float(b[worst])!r}: beyond {tolerance}"
+            )
+
+    def check(self) -> None:
+        """Fail unless something was compared and everything compared was within tolerance."""
+        assert self.compared > 0, "nothing was compared"
+        if not self.variant.trl_may_overflow:
+            assert self.trl_only_nonfinite == self.both_nonfinite == 0, "non-finite values where none may be"
+        assert not self.failures, "\n".join(self.failures[:10])
 
 
 # ---------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------
+
+
+class SequenceLogps(NamedTuple):
+    """Summed log-probs of a batch of pairs, and the response lengths ipo and sigmoid_norm read."""
+
+    name: str
+    policy_chosen: torch.Tensor
+    policy_rejected: torch.Tensor
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+
+    @property
+    def logps(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log pi(y_w), log pi(y_l), log pi_ref(y_w), log pi_ref(y_l)), dpo_loss's order."""
+        return self.policy_chosen, self.policy_rejected, self.ref_chosen, self.ref_rejected
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class PolicyLogps(NamedTuple):
+    """Log-probs of the chosen and rejected responses under the policy alone (no reference)."""
+
+    name: str
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Rewards(NamedTuple):
+    """A reward model's scores of the chosen and rejected responses, and a margin (or None)."""
+
+    name: str
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    margin: torch.Tensor | None
+
+    def __str__(self) -> str:
+        return self.name
 
 
 def _log_uniform(generator: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:
@@ -93,10 +178,10 @@ def _log_uniform(generator: torch.Generator, n: int, low: float, high: float) ->
     return -torch.exp(math.log(low) + u * (math.log(high) - math.log(low)))
 
 
-def sequence_logp_sets() -> dict[str, tuple[torch.Tensor, ...]]:
-    """Summed log-probs (policy chosen, policy rejected, ref chosen, ref rejected) and response lengths."""
+def _sequence_logps() -> list[SequenceLogps]:
+    """Summed log-probs in [-400, -5] with log-ratios of a few nats (B=16 and B=1), and extremes."""
     g = torch.Generator().manual_seed(20261122)
-    sets = {}
+    sets = []
     for name, batch in (("typical", 16), ("batch 1", 1)):
         pi_w = -5 - 395 * torch.rand(batch, generator=g, dtype=torch.float64)
         pi_l = -5 - 395 * torch.rand(batch, generator=g, dtype=torch.float64)
@@ -104,262 +189,187 @@ def sequence_logp_sets() -> dict[str, tuple[torch.Tensor, ...]]:
         ref_l = pi_l + 3 * torch.randn(batch, generator=g, dtype=torch.float64)
         len_w = torch.randint(0, 64, (batch,), generator=g)
         len_l = torch.randint(1, 64, (batch,), generator=g)
-        sets[name] = (pi_w, pi_l, ref_w, ref_l, len_w, len_l)
+        sets.append(SequenceLogps(name, pi_w, pi_l, ref_w, ref_l, len_w, len_l))
     # Magnitudes down to -1e4 and log-ratios of thousands, in both directions.
     batch = 16
-    sets["extreme"] = (
+    sets.append(SequenceLogps(
+        "extreme",
         _log_uniform(g, batch, 1e-3, 1e4),
         _log_uniform(g, batch, 1e-3, 1e4),
         _log_uniform(g, batch, 1e-3, 1e4),
         _log_uniform(g, batch, 1e-3, 1e4),
         torch.randint(1, 4096, (batch,), generator=g),
         torch.randint(1, 4096, (batch,), generator=g),
-    )
+    ))
     return sets
 
 
-def average_logp_sets() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Length-averaged log-probs (chosen, rejected), as ORPO, SimPO and CPO's ipo take them."""
+def _average_logps() -> list[PolicyLogps]:
+    """Length-averaged log-probs, as ORPO, SimPO and CPO's ipo take them."""
     g = torch.Generator().manual_seed(7)
-    return {
-        "typical": (-0.02 - 3 * torch.rand(16, generator=g, dtype=torch.float64),
+    return [
+        PolicyLogps("typical", -0.02 - 3 * torch.rand(16, generator=g, dtype=torch.float64),
                     -0.02 - 3 * torch.rand(16, generator=g, dtype=torch.float64)),
-        "batch 1": (torch.tensor([-0.7], dtype=torch.float64), torch.tensor([-1.9], dtype=torch.float64)),
-        "extreme": (_log_uniform(g, 16, 1e-12, 1e4), _log_uniform(g, 16, 1e-12, 1e4)),
-    }
+        PolicyLogps("batch 1", torch.tensor([-0.7], dtype=torch.float64),
+                    torch.tensor([-1.9], dtype=torch.float64)),
+        PolicyLogps("extreme", _log_uniform(g, 16, 1e-12, 1e4), _log_uniform(g, 16, 1e-12, 1e4)),
+    ]
+
+
+SEQUENCE_LOGPS = _sequence_logps()
+AVERAGE_LOGPS = _average_logps()
+# The policy's summed log-probs of SEQUENCE_LOGPS: CPO's sigmoid and hinge take sums in TRL.
+SUMMED_LOGPS = [PolicyLogps(f"{s.name}, summed", s.policy_chosen, s.policy_rejected) for s in SEQUENCE_LOGPS]
 
 
 # ---------------------------------------------------------------------------
-# Rows
+# Variants (the rows of docs/parity.md) and the cases of each
 # ---------------------------------------------------------------------------
 
+# The loss types built on the score difference h, the only ones with an f-divergence option.
+H_BASED = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop")
+_SMOOTHING = {"exo_pair": 1e-3, "robust": 0.1, "aot": 0.1, "aot_unpaired": 0.1}
+_EXO_NOTE = "TRL builds eps as a float32 tensor, so its log(eps), log(1-eps) carry float32 rounding"
+_ALPHA_NOTE = ("TRL's alpha-divergence rejects float64 (its clamp table has no float64 key): "
+               "compared in float32")
 
-def _dpo_variants() -> Iterator[tuple[str, dict, str, torch.dtype, str]]:
-    """(variant name, dpo kwargs, TRL checker, dtype, note)."""
-    smoothing = {"exo_pair": 1e-3, "robust": 0.1, "aot": 0.1, "aot_unpaired": 0.1}
+
+def _dpo_loss_type_variants() -> list[Variant]:
+    variants = []
     for loss_type in DPO_LOSS_TYPES:
-        kwargs = {"loss_type": loss_type, "label_smoothing": smoothing.get(loss_type, 0.0)}
-        note = ""
+        options = {"loss_type": loss_type, "label_smoothing": _SMOOTHING.get(loss_type, 0.0)}
         if loss_type == "exo_pair":
-            note = "TRL builds eps as a float32 tensor, so its log(eps), log(1-eps) carry float32 rounding"
-        yield loss_type, kwargs, "dpo", torch.float64, note
+            variants.append(Variant("dpo_loss", loss_type, options, rtol=FLOAT32_RTOL, atol=FLOAT32_ATOL,
+                                    note=_EXO_NOTE))
+        else:
+            variants.append(Variant("dpo_loss", loss_type, options))
         if loss_type in ("robust", "aot", "aot_unpaired"):
-            yield f"{loss_type}, label_smoothing=0", {"loss_type": loss_type}, "dpo", torch.float64, ""
-    yield (
-        "sigmoid, label_smoothing=0.1 (cDPO)",
-        {"loss_type": "sigmoid", "label_smoothing": 0.1},
-        "cpo-on-logratios",
-        torch.float64,
-        "TRL 1.16's DPOTrainer ignores label_smoothing for sigmoid; checked against CPOTrainer.cpo_loss's "
-        "smoothed sigmoid fed the log-ratios",
-    )
+            variants.append(Variant("dpo_loss", f"{loss_type}, label_smoothing=0", {"loss_type": loss_type}))
+    return variants
+
+
+def _f_divergence_variants() -> list[Variant]:
+    variants = []
     for f_div in ("forward_kl", "js_divergence", "alpha_divergence"):
-        for loss_type in ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop"):
-            kwargs = {"loss_type": loss_type, "label_smoothing": smoothing.get(loss_type, 0.0), "f_divergence_type": f_div}
+        for loss_type in H_BASED:
+            options = {"loss_type": loss_type, "label_smoothing": _SMOOTHING.get(loss_type, 0.0),
+                       "f_divergence_type": f_div}
             if f_div == "alpha_divergence":
                 for alpha in (0.5, 1.5):
-                    note = "TRL's alpha-divergence rejects float64 (its clamp table has no float64 key): compared in float32"
-                    yield f"{loss_type}, {f_div} alpha={alpha}", {**kwargs, "f_alpha_divergence_coef": alpha}, "dpo", torch.float32, note
+                    variants.append(Variant(
+                        "dpo_loss", f"{loss_type}, {f_div} alpha={alpha}",
+                        {**options, "f_alpha_divergence_coef": alpha},
+                        dtype=torch.float32, rtol=FLOAT32_RTOL, atol=FLOAT32_ATOL, note=_ALPHA_NOTE,
+                    ))
+            elif loss_type == "exo_pair":
+                variants.append(Variant("dpo_loss", f"{loss_type}, {f_div}", options, rtol=FLOAT32_RTOL,
+                                        atol=FLOAT32_ATOL, note="TRL builds eps as a float32 tensor"))
             else:
-                note = "TRL builds eps as a float32 tensor" if loss_type == "exo_pair" else ""
-                yield f"{loss_type}, {f_div}", kwargs, "dpo", torch.float64, note
+                variants.append(Variant("dpo_loss", f"{loss_type}, {f_div}", options))
+    return variants
 
 
-def dpo_rows() -> list[ParityRow]:
-    rows = []
-    for variant, kwargs, checker, dtype, note in _dpo_variants():
-        f32 = dtype == torch.float32 or kwargs.get("loss_type") == "exo_pair"
-        row = ParityRow(
-            "dpo_loss",
-            variant,
-            "float32" if dtype == torch.float32 else "float64",
-            FLOAT32_RTOL if f32 else FLOAT64_RTOL,
-            FLOAT32_ATOL if f32 else FLOAT64_ATOL,
-            note,
-        )
-        for inputs in sequence_logp_sets().values():
-            pi_w, pi_l, ref_w, ref_l, len_w, len_l = inputs
-            logps = [t.to(dtype) for t in (pi_w, pi_l, ref_w, ref_l)]
-            for beta in BETAS:
-                _compare_dpo_case(row, logps, len_w, len_l, beta, kwargs, checker)
-        rows.append(row)
-    return rows
+DPO_LOSS_TYPE_VARIANTS = _dpo_loss_type_variants()
+F_DIVERGENCE_VARIANTS = _f_divergence_variants()
+# Both go through DPOTrainer: test_dpo_loss_matches_trl runs each on SEQUENCE_LOGPS x BETAS.
+DPO_VARIANTS = DPO_LOSS_TYPE_VARIANTS + F_DIVERGENCE_VARIANTS
+# Conservative DPO, through CPOTrainer (test_cdpo_matches_trl_cpo_on_log_ratios).
+CDPO = Variant(
+    "dpo_loss", "sigmoid, label_smoothing=0.1 (cDPO)", {"loss_type": "sigmoid", "label_smoothing": 0.1},
+    note="TRL 1.16's DPOTrainer ignores label_smoothing for sigmoid; checked against CPOTrainer.cpo_loss's "
+    "smoothed sigmoid fed the log-ratios",
+)
+ORPO = Variant(
+    "orpo_loss", "odds-ratio term", dtype=torch.float32, rtol=FLOAT32_RTOL, atol=FLOAT32_ATOL,
+    note="TRL's odds_ratio_loss upcasts with .float(), i.e. to float32 even for float64 input: "
+    "compared in float32",
+)
 
 
-def _compare_dpo_case(row, logps, len_w, len_l, beta, kwargs, checker) -> None:
-    row.cases += 1
-    leaves = [t.clone().requires_grad_(True) for t in logps]
-    out = dpo_loss(*leaves, beta=beta, chosen_lengths=len_w, rejected_lengths=len_l, **kwargs)
-    loss = out.losses.mean()
-    grads = torch.autograd.grad(loss, leaves)
-    if checker == "dpo":
-        trl_loss, metrics, trl_grads = trl.trl_dpo(*logps, beta=beta, chosen_lengths=len_w, rejected_lengths=len_l, **kwargs)
-    else:  # cDPO: CPOTrainer's smoothed sigmoid on the log-ratios u_w, u_l
-        u_w, u_l = logps[0] - logps[2], logps[1] - logps[3]
-        trl_loss, _, (g_w, g_l) = trl.trl_cpo(u_w, u_l, beta=beta, loss_type="sigmoid", label_smoothing=kwargs["label_smoothing"])
-        trl_grads = [g_w, g_l, -g_w, -g_l]
-        metrics = None
-    row.compare("loss", loss, trl_loss)
-    for name, ours, theirs in zip(("d/pi_w", "d/pi_l", "d/ref_w", "d/ref_l"), grads, trl_grads, strict=True):
-        row.compare(name, ours, theirs)
-    if metrics is not None:
-        margins = out.chosen_rewards - out.rejected_rewards
-        row.compare("rewards/chosen", out.chosen_rewards.mean(), metrics["rewards/chosen"])
-        row.compare("rewards/rejected", out.rejected_rewards.mean(), metrics["rewards/rejected"])
-        row.compare("rewards/margins", margins.mean(), metrics["rewards/margins"])
-        row.compare("rewards/accuracies", (margins > 0).double().mean(), metrics["rewards/accuracies"])
-
-
-def orpo_rows() -> list[ParityRow]:
-    note = "TRL's odds_ratio_loss upcasts with .float(), i.e. to float32 even for float64 input: compared in float32"
-    row = ParityRow("orpo_loss", "odds-ratio term", "float32", FLOAT32_RTOL, FLOAT32_ATOL, note)
-    for chosen, rejected in average_logp_sets().values():
-        chosen, rejected = chosen.float(), rejected.float()
-        for beta in BETAS:
-            row.cases += 1
-            leaves = [chosen.clone().requires_grad_(True), rejected.clone().requires_grad_(True)]
-            out = orpo_loss(*leaves, beta=beta)
-            grads = torch.autograd.grad(out.losses.mean(), leaves)
-            trl_loss, trl_out, trl_grads = trl.trl_orpo(chosen, rejected, beta=beta)
-            row.compare("loss", out.losses.mean(), trl_loss)
-            for name in ("losses", "chosen_rewards", "rejected_rewards"):
-                row.compare(name, getattr(out, name), trl_out[name])
-            row.compare("log_odds_ratio (mean)", out.log_odds_ratio.mean(), trl_out["log_odds_ratio"])
-            row.compare("log_odds_chosen (mean)", out.log_odds_chosen.mean(), trl_out["log_odds_chosen"])
-            for name, ours, theirs in zip(("d/chosen", "d/rejected"), grads, trl_grads, strict=True):
-                row.compare(name, ours, theirs)
-    return [row]
-
-
-def cpo_rows() -> list[ParityRow]:
-    rows = []
+def _cpo_variants() -> list[Variant]:
+    variants = []
     for loss_type in CPO_LOSS_TYPES:
         for alpha in (0.0, 0.25):
-            smoothing_options = (0.0, 0.1) if loss_type in ("sigmoid", "simpo") else (0.0,)
-            for eps in smoothing_options:
-                variant = f"{loss_type}" + (f", alpha={alpha} (AlphaPO)" if alpha else "") + (f", label_smoothing={eps}" if eps else "")
-                row = ParityRow("cpo_loss", variant, "float64", FLOAT64_RTOL, FLOAT64_ATOL)
-                sets = average_logp_sets()
-                summed = sequence_logp_sets()
-                # sigmoid/hinge take summed log-probs in TRL; ipo/simpo averaged ones.
-                inputs = list(sets.values()) + ([s[:2] for s in summed.values()] if loss_type in ("sigmoid", "hinge") else [])
-                for chosen, rejected in inputs:
-                    for beta in BETAS:
-                        _compare_cpo_case(row, chosen, rejected, beta, loss_type, eps, alpha)
-                rows.append(row)
-    return rows
+            for eps in (0.0, 0.1) if loss_type in ("sigmoid", "simpo") else (0.0,):
+                name = loss_type + (f", alpha={alpha} (AlphaPO)" if alpha else "") + (
+                    f", label_smoothing={eps}" if eps else "")
+                options = {"loss_type": loss_type, "label_smoothing": eps, "alpha": alpha, "simpo_gamma": 0.7}
+                variants.append(Variant("cpo_loss", name, options))
+    return variants
 
 
-def _compare_cpo_case(row, chosen, rejected, beta, loss_type, eps, alpha) -> None:
-    row.cases += 1
-    kwargs = {"beta": beta, "loss_type": loss_type, "label_smoothing": eps, "alpha": alpha, "simpo_gamma": 0.7}
-    leaves = [chosen.clone().requires_grad_(True), rejected.clone().requires_grad_(True)]
-    out = cpo_loss(*leaves, **kwargs)
-    grads = torch.autograd.grad(out.losses.mean(), leaves)
-    trl_loss, trl_out, trl_grads = trl.trl_cpo(chosen, rejected, **kwargs)
-    row.compare("loss", out.losses.mean(), trl_loss)
-    for name in ("losses", "chosen_rewards", "rejected_rewards"):
-        row.compare(name, getattr(out, name), trl_out[name])
-    for name, ours, theirs in zip(("d/chosen", "d/rejected"), grads, trl_grads, strict=True):
-        row.compare(name, ours, theirs)
+CPO_VARIANTS = _cpo_variants()
+# TRL's CPOTrainer takes summed log-probs for sigmoid and hinge, averaged ones for ipo and simpo.
+CPO_CASES = [
+    (variant, inputs)
+    for variant in CPO_VARIANTS
+    for inputs in AVERAGE_LOGPS + (SUMMED_LOGPS if variant.options["loss_type"] in ("sigmoid", "hinge")
+                                   else [])
+]
 
-
-def reward_rows() -> list[ParityRow]:
+def _reward_cases() -> tuple[list[Variant], list[tuple[Variant, Rewards]]]:
+    """Bradley-Terry with and without a margin and the centering term, each on three sets of
+    rewards; a variant with a margin draws one per set."""
     g = torch.Generator().manual_seed(3)
-    reward_sets = [
-        (3 * torch.randn(16, generator=g, dtype=torch.float64), 3 * torch.randn(16, generator=g, dtype=torch.float64)),
-        (torch.tensor([0.4], dtype=torch.float64), torch.tensor([1.3], dtype=torch.float64)),
-        (1e3 * torch.randn(16, generator=g, dtype=torch.float64), 1e3 * torch.randn(16, generator=g, dtype=torch.float64)),
+    sets = [
+        ("typical", 3 * torch.randn(16, generator=g, dtype=torch.float64),
+         3 * torch.randn(16, generator=g, dtype=torch.float64)),
+        ("batch 1", torch.tensor([0.4], dtype=torch.float64), torch.tensor([1.3], dtype=torch.float64)),
+        ("extreme", 1e3 * torch.randn(16, generator=g, dtype=torch.float64),
+         1e3 * torch.randn(16, generator=g, dtype=torch.float64)),
     ]
-    rows = []
-    for use_margin in (False, True):
+    variants, cases = [], []
+    for with_margin in (False, True):
         for center in (None, 0.01):
-            variant = "Bradley-Terry" + (", margin" if use_margin else "") + (f", center_rewards_coefficient={center}" if center else "")
-            row = ParityRow("reward_ranking_loss", variant, "float64", FLOAT64_RTOL, FLOAT64_ATOL)
-            for chosen, rejected in reward_sets:
-                row.cases += 1
-                margin = torch.rand(chosen.shape, generator=g, dtype=torch.float64) * 2 if use_margin else None
-                leaves = [chosen.clone().requires_grad_(True), rejected.clone().requires_grad_(True)]
-                out = reward_ranking_loss(*leaves, margin=margin, center_rewards_coefficient=center)
-                loss = out.losses.mean()
-                grads = torch.autograd.grad(loss, leaves)
-                trl_loss, metrics, trl_grads = trl.trl_reward(chosen, rejected, margin=margin, center_rewards_coefficient=center)
-                row.compare("loss", loss, trl_loss)
-                row.compare("accuracy", (out.chosen_rewards > out.rejected_rewards).double().mean(), metrics["accuracy"])
-                row.compare("margin", (out.chosen_rewards - out.rejected_rewards).mean(), metrics["margin"])
-                for name, ours, theirs in zip(("d/chosen", "d/rejected"), grads, trl_grads, strict=True):
-                    row.compare(name, ours, theirs)
-            rows.append(row)
-    return rows
+            name = "Bradley-Terry" + (", margin" if with_margin else "") + (
+                f", center_rewards_coefficient={center}" if center else "")
+            variant = Variant("reward_ranking_loss", name, {"center_rewards_coefficient": center})
+            variants.append(variant)
+            for set_name, chosen, rejected in sets:
+                margin = None
+                if with_margin:
+                    margin = 2 * torch.rand(chosen.shape, generator=g, dtype=torch.float64)
+                cases.append((variant, Rewards(set_name, chosen, rejected, margin)))
+    return variants, cases
 
 
-def ppo_classic_rows() -> list[ParityRow]:
-    """Against the golden values of TRL 0.11.4's classic PPOTrainer (compared on response tokens)."""
-    from helpers.ppo_golden import CLASSIC, CLASSIC_INPUTS, classic_step
+REWARD_VARIANTS, REWARD_CASES = _reward_cases()
 
-    from alignlib.losses import AdaptiveKLController, whiten
-
-    note = "golden values from TRL 0.11.4 (scripts/ppo_golden/generate_trl011.py); compared on response tokens"
-    rows = []
-    for step in CLASSIC["steps"]:
-        cfg = step["config"]
-        variant = "full step: kl_penalty={kl_penalty}, kl_coef={kl_coef}".format(**cfg)
-        variant += ", whiten_rewards" if cfg.get("whiten_rewards") else ""
-        row = ParityRow("PPO (classic)", variant, "float64", FLOAT64_RTOL, FLOAT64_ATOL, note, cases=1)
-        ours = classic_step(cfg)
-        m = ours.mask
-        for name, key in (("kl", "kls"), ("non_score_rewards", "non_score_rewards"), ("rewards", "rewards"),
-                          ("advantages", "advantages"), ("returns", "returns"),
-                          ("grad_new_logprobs", "grad_new_logprobs"), ("grad_vpreds", "grad_vpreds")):
-            row.compare(name, getattr(ours, name)[m], torch.tensor(step[key], dtype=torch.float64)[m])
-        for name, value in ours.stats.items():
-            row.compare(name, value, step["stats"][name])
-        rows.append(row)
-
-    row = ParityRow("PPO (classic)", "whiten (shift_mean True / False)", "float64", FLOAT64_RTOL, FLOAT64_ATOL, note, cases=2)
-    inputs = CLASSIC_INPUTS["padded"]
-    m = inputs["mask"].bool()
-    for shift, key in ((True, "shift_mean_true"), (False, "shift_mean_false")):
-        golden = torch.tensor(CLASSIC["masked_whiten"][key], dtype=torch.float64)
-        row.compare(key, whiten(inputs["values"], m, shift_mean=shift)[m], golden[m])
-    rows.append(row)
-
-    spec = CLASSIC["kl_controllers"]["adaptive"]
-    row = ParityRow("PPO (classic)", "AdaptiveKLController trajectory", "float64", FLOAT64_RTOL, FLOAT64_ATOL, note)
-    controller = AdaptiveKLController(spec["init_kl_coef"], spec["target"], spec["horizon"])
-    for kl, expected in zip(spec["kl_sequence"], spec["values"], strict=True):
-        row.cases += 1
-        controller.update(kl, spec["n_steps"])
-        row.compare("kl_coef", controller.value, expected)
-    rows.append(row)
-    return rows
+# PPO: golden values, one variant per record (tests/losses/test_ppo_golden.py).
+_CLASSIC_NOTE = ("golden values from TRL 0.11.4 (scripts/ppo_golden/generate_trl011.py); "
+                 "compared on response tokens")
+_LATER_NOTE = ("captured from TRL 0.25.1's PPOTrainer.train() (scripts/ppo_golden/generate_trl025.py), which "
+               "computes in float32; GAE over its episode mask, which reaches one token past EOS")
 
 
-def ppo_trl025_rows() -> list[ParityRow]:
-    """Against values captured from TRL 0.25.1's PPOTrainer.train() (float32 arithmetic there)."""
-    from helpers.ppo_golden import LATER, later_run
-
-    note = ("captured from TRL 0.25.1's PPOTrainer.train() (scripts/ppo_golden/generate_trl025.py), which "
-            "computes in float32; GAE over its episode mask, which reaches one token past EOS")
-    rows = []
-    for run in LATER["runs"]:
-        r = later_run(run)
-        row = ParityRow("PPO (TRL 0.25.1)", f"kl_estimator={run['kl_estimator']}, missing_eos_penalty, GAE, whiten",
-                        "float32", FLOAT32_RTOL, FLOAT32_ATOL, note, cases=1)
-        for name, mask in (("kl", r.response_mask), ("non_score_reward", r.response_mask),
-                           ("advantages_unwhitened", r.episode_mask), ("returns", r.episode_mask),
-                           ("advantages", r.response_mask)):
-            row.compare(name, r.ours[name][mask], r.theirs[name][mask])
-        row.compare("scores", r.ours["scores"], r.theirs["scores"])
-        rows.append(row)
-    return rows
+def classic_step_variant(step: dict) -> Variant:
+    """The variant of one golden PPO step of TRL 0.11.4."""
+    cfg = step["config"]
+    name = "full step: kl_penalty={kl_penalty}, kl_coef={kl_coef}".format(**cfg)
+    name += ", whiten_rewards" if cfg.get("whiten_rewards") else ""
+    return Variant("PPO (classic)", name, note=_CLASSIC_NOTE, trl_may_overflow=False)
 
 
-ROW_BUILDERS: dict[str, Callable[[], list[ParityRow]]] = {
-    "dpo": dpo_rows,
-    "orpo": orpo_rows,
-    "cpo": cpo_rows,
-    "reward": reward_rows,
-    "ppo_classic": ppo_classic_rows,
-    "ppo_trl025": ppo_trl025_rows,
+def trl025_run_variant(run: dict) -> Variant:
+    """The variant of one run captured from TRL 0.25.1's train()."""
+    name = f"kl_estimator={run['kl_estimator']}, missing_eos_penalty, GAE, whiten"
+    return Variant("PPO (TRL 0.25.1)", name, dtype=torch.float32, rtol=FLOAT32_RTOL, atol=FLOAT32_ATOL,
+                   note=_LATER_NOTE, trl_may_overflow=False)
+
+
+WHITEN = Variant("PPO (classic)", "whiten (shift_mean True / False)", note=_CLASSIC_NOTE,
+                 trl_may_overflow=False)
+ADAPTIVE_KL = Variant("PPO (classic)", "AdaptiveKLController trajectory", note=_CLASSIC_NOTE,
+                      trl_may_overflow=False)
+
+# docs/parity.md's sections and their rows, in order.
+SECTIONS: dict[str, list[Variant]] = {
+    "DPO": [*DPO_LOSS_TYPE_VARIANTS, CDPO, *F_DIVERGENCE_VARIANTS],
+    "ORPO": [ORPO],
+    "CPO and SimPO": CPO_VARIANTS,
+    "Reward model": REWARD_VARIANTS,
+    "PPO with a KL penalty (classic TRL 0.11.4)": [
+        *map(classic_step_variant, CLASSIC["steps"]), WHITEN, ADAPTIVE_KL
+    ],
+    "PPO (TRL 0.25.1)": [trl025_run_variant(run) for run in LATER["runs"]],
 }

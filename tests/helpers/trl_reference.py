@@ -8,8 +8,8 @@ those attributes) and, where the method runs a model, a stub model that returns
 the log-probs or rewards we want it to see. Nothing of TRL's arithmetic is
 restated here: what comes back is what TRL computed.
 
-Every function returns TRL's reduced loss, its logged metrics, and the gradient
-of that loss with respect to each input log-prob.
+Every function returns TRL's reduced loss, its logged metrics (or, for ORPO and CPO,
+its per-pair outputs), and the gradient of that loss with respect to each input.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""dpo_loss as worked examples: what the equation promises, checked on random inputs.
+"""dpo_loss as worked examples: each loss type's formula by hand on one pair, and what the
+equations promise, checked on random inputs.
 
 Parity with TRL's own code lives in test_trl_parity.py; this file checks the
 mathematics (identities, monotonicity, gradients) and the error messages.
@@ -51,6 +52,106 @@ def test_low_precision_inputs_compute_and_return_float32():
     assert out.losses.dtype == torch.float32
     ref = dpo_loss(*(t.float() for t in (pi_w, pi_l, ref_w, ref_l)))
     torch.testing.assert_close(out.losses, ref.losses)
+
+
+# --- worked by hand: each loss type's formula (the docstring's table), in plain Python -------
+
+# One pair: u_w = -5.0 - (-5.5) = 0.5, u_l = -7.5 - (-6.0) = -1.5, so h = u_w - u_l = 2.0 and,
+# with beta = 0.4, beta h = 0.8. Lengths |y_w| = 4, |y_l| = 2 for ipo and sigmoid_norm.
+PI_W, PI_L, REF_W, REF_L = -5.0, -7.5, -5.5, -6.0
+U_W, U_L, H, BETA = 0.5, -1.5, 2.0, 0.4
+LEN_W, LEN_L = 4, 2
+
+
+def sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def log_sig(x):
+    return math.log(sig(x))
+
+
+BH = BETA * H
+# loss_type -> (options, the loss of the pair by the docstring's formula)
+BY_HAND = {
+    "sigmoid": ({"label_smoothing": 0.1}, -0.9 * log_sig(BH) - 0.1 * log_sig(-BH)),
+    "hinge": ({}, 1 - 0.8),
+    "ipo": ({}, (U_W / LEN_W - U_L / LEN_L - 1 / (2 * BETA)) ** 2),  # (0.125 + 0.75 - 1.25)^2
+    "exo_pair": (
+        {"label_smoothing": 1e-3},
+        sig(BH) * (log_sig(BH) - math.log(1 - 1e-3)) + sig(-BH) * (log_sig(-BH) - math.log(1e-3)),
+    ),
+    "nca_pair": ({}, -log_sig(BETA * U_W) - 0.5 * log_sig(-BETA * U_W) - 0.5 * log_sig(-BETA * U_L)),
+    "robust": ({"label_smoothing": 0.1}, (-0.9 * log_sig(BH) + 0.1 * log_sig(-BH)) / (1 - 0.2)),
+    "bco_pair": ({}, -log_sig(BETA * U_W) - log_sig(-BETA * U_L)),
+    "sppo_hard": ({}, (0.5 - 1.25) ** 2 + (-1.5 + 1.25) ** 2),  # 1/(2 beta) = 1.25
+    "apo_zero": ({}, 1 - sig(BETA * U_W) + sig(BETA * U_L)),
+    "apo_down": ({}, sig(BETA * U_W) + 1 - sig(BETA * (U_W - U_L))),
+    # m = sig(beta h / tau) with tau = 0.5: (1 - m)(-log sig(beta h)) + m exp(-beta h)
+    "discopop": ({"discopop_tau": 0.5}, (1 - sig(1.6)) * -log_sig(BH) + sig(1.6) * math.exp(-BH)),
+    "sigmoid_norm": ({}, -log_sig(BETA * (U_W / LEN_W - U_L / LEN_L))),
+}
+AOT_TYPES = ("aot", "aot_unpaired")
+
+
+def one_pair(*values):
+    return [torch.tensor([v], dtype=torch.float64) for v in values]
+
+
+def test_every_loss_type_has_a_worked_example():
+    assert set(BY_HAND) | set(AOT_TYPES) == set(DPO_LOSS_TYPES)
+
+
+@pytest.mark.parametrize("loss_type", sorted(BY_HAND))
+def test_one_pair_by_hand(loss_type):
+    options, expected = BY_HAND[loss_type]
+    lens = {"chosen_lengths": torch.tensor([LEN_W]), "rejected_lengths": torch.tensor([LEN_L])}
+    out = dpo_loss(*one_pair(PI_W, PI_L, REF_W, REF_L), beta=BETA, loss_type=loss_type, **options, **lens)
+    assert out.losses.item() == pytest.approx(expected, rel=1e-12)
+    assert out.chosen_rewards.item() == pytest.approx(BETA * U_W, rel=1e-12)  # 0.2
+    assert out.rejected_rewards.item() == pytest.approx(BETA * U_L, rel=1e-12)  # -0.6
+
+
+def test_aot_by_hand_matches_sorted_margins_not_pairs():
+    # policy margins pi_w - pi_l = (3, 1), reference margins ref_w - ref_l = (1, 2).
+    # Sorted: (1, 3) and (1, 2), so the deltas are (0, 1); pair by pair they would be (2, -1).
+    pi_w, pi_l, ref_w, ref_l = (torch.tensor(v, dtype=torch.float64) for v in
+                                ([-2.0, -6.0], [-5.0, -7.0], [-3.0, -4.0], [-4.0, -6.0]))
+    out = dpo_loss(pi_w, pi_l, ref_w, ref_l, beta=0.5, loss_type="aot", label_smoothing=0.1)
+    expected = [-0.9 * log_sig(0.5 * d) - 0.1 * log_sig(-0.5 * d) for d in (0.0, 1.0)]
+    assert out.losses.tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_aot_unpaired_by_hand_sorts_each_log_ratio_alone():
+    # Same batch: u_w = pi_w - ref_w = (1, -2), u_l = pi_l - ref_l = (-1, -1).
+    # sort(u_w) - sort(u_l) = (-2, 1) - (-1, -1) = (-1, 2); pair by pair it would be (2, -1).
+    pi_w, pi_l, ref_w, ref_l = (torch.tensor(v, dtype=torch.float64) for v in
+                                ([-2.0, -6.0], [-5.0, -7.0], [-3.0, -4.0], [-4.0, -6.0]))
+    out = dpo_loss(pi_w, pi_l, ref_w, ref_l, beta=0.5, loss_type="aot_unpaired", label_smoothing=0.1)
+    expected = [-0.9 * log_sig(0.5 * d) - 0.1 * log_sig(-0.5 * d) for d in (-1.0, 2.0)]
+    assert out.losses.tolist() == pytest.approx(expected, rel=1e-12)
+
+
+# f-divergence scores s(u) = f'(e^u), from the docstring; the loss is then the type's formula on
+# h = s(u_w) - s(u_l) (here sigmoid and hinge, without label smoothing).
+ALPHA = 0.5
+SCORES = {
+    "forward_kl": lambda u: 1 - math.exp(-u),
+    "js_divergence": lambda u: math.log(2) + log_sig(u),
+    "alpha_divergence": lambda u: (math.exp((ALPHA - 1) * u) - 1) / (ALPHA - 1),
+}
+
+
+@pytest.mark.parametrize("f_div", sorted(SCORES))
+def test_f_divergences_by_hand(f_div):
+    s = SCORES[f_div]
+    h = s(U_W) - s(U_L)  # forward_kl: e^1.5 - e^-0.5 = 3.875
+    options = {"f_divergence_type": f_div, "f_alpha_divergence_coef": ALPHA}
+    sigmoid = dpo_loss(*one_pair(PI_W, PI_L, REF_W, REF_L), beta=BETA, **options)
+    hinge = dpo_loss(*one_pair(PI_W, PI_L, REF_W, REF_L), beta=BETA, loss_type="hinge", **options)
+    assert sigmoid.losses.item() == pytest.approx(-log_sig(BETA * h), rel=1e-12)
+    assert hinge.losses.item() == pytest.approx(max(0.0, 1 - BETA * h), rel=1e-12, abs=1e-15)
+    assert sigmoid.chosen_rewards.item() == pytest.approx(BETA * U_W)  # the rewards stay beta * u
 
 
 # --- identities the equations promise ------------------------------------------------

@@ -208,3 +208,34 @@ def test_errors():
         ppo_loss(x, x, x, x, x, x, MASK, entropy_coef=0.1)
     with pytest.raises(ValueError, match="target"):
         AdaptiveKLController(0.1, target=0, horizon=10)
+
+
+SUBNORMAL = 1e-40  # below float32's smallest normal number: 0 (or a subnormal) in float32 arithmetic
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda x, m: kl_shaped_rewards(x[:, 0], x, x, m, kl_coef=SUBNORMAL), "kl_coef"),
+        (lambda x, m: whiten(x, m, eps=SUBNORMAL), "eps"),
+        (lambda x, m: ppo_policy_loss(x, x, x, m, cliprange=SUBNORMAL), "cliprange"),
+        (lambda x, m: ppo_value_loss(x, x, x, m, cliprange_value=SUBNORMAL), "cliprange_value"),
+        (lambda x, m: ppo_loss(x, x, x, x, x, x, m, vf_coef=SUBNORMAL), "vf_coef"),
+        (lambda x, m: ppo_loss(x, x, x, x, x, x, m, entropy=x, entropy_coef=SUBNORMAL), "entropy_coef"),
+        (lambda x, m: AdaptiveKLController(SUBNORMAL, 6.0, 1e4), "init_kl_coef"),
+        (lambda x, m: AdaptiveKLController(0.1, SUBNORMAL, 1e4), "target"),
+        (lambda x, m: AdaptiveKLController(0.1, 6.0, SUBNORMAL), "horizon"),
+        (lambda x, m: FixedKLController(SUBNORMAL), "kl_coef"),
+    ],
+)
+def test_subnormal_coefficients_are_refused_as_for_the_pairwise_losses(call, name):
+    with pytest.raises(ValueError, match=f"^{name} must be (0 or )?at least 1.18e-38 .*got 1e-40$"):
+        call(rand(19), MASK)
+
+
+def test_gamma_and_lam_must_be_numbers_in_the_unit_interval():
+    x = rand(20)
+    with pytest.raises(ValueError, match="^gamma must lie in \\[0, 1\\], got True$"):
+        gae_advantages(x, x, MASK, gamma=True)
+    with pytest.raises(ValueError, match="^lam must lie in \\[0, 1\\], got nan$"):
+        gae_advantages(x, x, MASK, lam=float("nan"))

@@ -45,3 +45,13 @@ def test_errors():
         reward_ranking_loss(win, lose, center_rewards_coefficient=-0.1)
     with pytest.raises(ValueError, match="chosen_rewards must have shape \\(B,\\)"):
         reward_ranking_loss(win.unsqueeze(-1), lose)
+
+
+def test_center_rewards_coefficient_follows_the_coefficient_rule():
+    win, lose = torch.randn(4), torch.randn(4)
+    with pytest.raises(ValueError, match="center_rewards_coefficient must be 0 or at least 1.18e-38"):
+        reward_ranking_loss(win, lose, center_rewards_coefficient=1e-40)
+    with pytest.raises(ValueError, match="center_rewards_coefficient must be at most 1e\\+06"):
+        reward_ranking_loss(win, lose, center_rewards_coefficient=2e6)
+    zero = reward_ranking_loss(win, lose, center_rewards_coefficient=0.0)
+    assert torch.equal(zero.losses, reward_ranking_loss(win, lose).losses)
