@@ -4,7 +4,7 @@
     alignlib train ppo [--model PATH] [--reward_model PATH | --reward module:function] [--dataset PROMPTS] [...]
     alignlib generate --model PATH --prompt TEXT [--max_new_tokens N] [--temperature T]
 
-Flags are the fields of TrainConfig (alignlib.trainer), PPOConfig (alignlib.rl) and ModelConfig
+Flags are the fields of TrainConfig and PPOConfig (alignlib.configs) and ModelConfig
 (alignlib.models), parsed by transformers.HfArgumentParser; their names are TRL's, so a TRL
 YAML mostly works as --config. Flags given on the command line override the YAML.
 
@@ -19,27 +19,12 @@ and exit status 1 (2 for flags the parser rejects); ALIGNLIB_DEBUG=1 shows the t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
-OBJECTIVES = ("dpo", "orpo", "simpo", "cpo", "reward", "ppo")
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, ImportError, OSError, FloatingPointError)
-
-# The embedded demo's settings per objective (flags given on the command line override them).
-DEMO_COMMON = {
-    "max_steps": 150, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 50, "learning_rate": 5e-5,
-    "logging_steps": 10, "save_steps": 50, "max_length": 64, "max_prompt_length": 32, "seed": 0,
-    "lr_scheduler_type": "constant",
-}
-DEMO_SETTINGS = {
-    "dpo": {"beta": 0.1, "rpo_alpha": 1.0},
-    "orpo": {"beta": 0.1, "learning_rate": 1e-4},
-    "simpo": {"beta": 2.0, "simpo_gamma": 0.5, "learning_rate": 5e-5},
-    "cpo": {"beta": 0.1, "learning_rate": 5e-5},
-    "reward": {"learning_rate": 1e-4, "max_steps": 100},
-}
-DEMO_PROMPTS = ("how do i fix a boat ?", "which colour does the lemon have ?")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +79,7 @@ def parse_config(dataclass_types: tuple, args: list[str], *, prog: str, demo_def
     values.pop("config", None)
     objects = []
     for dataclass_type in dataclass_types:
-        names = {f.name for f in __import__("dataclasses").fields(dataclass_type) if f.init}
+        names = {f.name for f in dataclasses.fields(dataclass_type) if f.init}
         objects.append(dataclass_type(**{k: v for k, v in values.items() if k in names}))
     return objects
 
@@ -144,19 +129,20 @@ def _wants_demo(args: list[str]) -> bool:
 
 
 def train_command(args: list[str]) -> int:
+    from alignlib.configs import OBJECTIVES
+
     if not args or args[0] not in OBJECTIVES:
         print(f"alignlib: error: train needs an objective: {', '.join(OBJECTIVES)}", file=sys.stderr)
         return 2
     objective, rest = args[0], args[1:]
     if objective == "ppo":
         return ppo_command(rest)
+    from alignlib import demo as embedded
     from alignlib.models import ModelConfig
     from alignlib.trainer import TrainConfig, train
 
     demo = _wants_demo(rest)
-    demo_defaults = None
-    if demo:
-        demo_defaults = {**DEMO_COMMON, **DEMO_SETTINGS[objective], "output_dir": f"alignlib-demo-{objective}"}
+    demo_defaults = embedded.train_defaults(objective) if demo else None
     cfg, model_cfg = parse_config((TrainConfig, ModelConfig), rest, prog=f"alignlib train {objective}",
                                   demo_defaults=demo_defaults)
     if demo:
@@ -193,7 +179,9 @@ def _report(objective: str, result, demo: bool, model_cfg) -> None:
     print(f"metrics: {result.output_dir / 'metrics.jsonl'}")
     if demo and objective != "reward":
         print("\nanswers (greedy) before -> after:")
-        for prompt in DEMO_PROMPTS:
+        from alignlib.demo import SAMPLE_PROMPTS
+
+        for prompt in SAMPLE_PROMPTS:
             before = complete(model_cfg.model_name_or_path, prompt)
             after = complete(str(result.model_dir), prompt)
             print(f"  {prompt}\n    before: {before}\n    after:  {after}")
@@ -202,13 +190,14 @@ def _report(objective: str, result, demo: bool, model_cfg) -> None:
 
 def ppo_command(args: list[str]) -> int:
     """`alignlib train ppo`: alignlib.rl.train_ppo over (PPOConfig, ModelConfig) flags."""
+    from alignlib import demo as embedded
     from alignlib import rl
     from alignlib.models import ModelConfig
 
     given = {a.split("=")[0] for a in args if a.startswith("--")}
     demo = not given & {"--model", "--model_name_or_path"}
     # The embedded default: the demo's settings become the flags' defaults, so any flag given wins.
-    demo_defaults = {**rl.DEMO_OVERRIDES, "demo_defaults": False, "output_dir": "alignlib-demo-ppo"} if demo else None
+    demo_defaults = embedded.ppo_defaults() if demo else None
     cfg, model_cfg = parse_config((rl.PPOConfig, ModelConfig), args, prog="alignlib train ppo",
                                   demo_defaults=demo_defaults)
     stats = rl.train_ppo(cfg, model_cfg)
@@ -224,7 +213,7 @@ def complete(model_path: str, prompt: str, *, max_new_tokens: int = 24, temperat
     """The model's completion of prompt (greedy when temperature is 0)."""
     import torch
 
-    from alignlib.models import load_for_generation
+    from alignlib.saved_models import load_for_generation
 
     model, tokenizer = load_for_generation(model_path)
     if tokenizer is None:

@@ -48,6 +48,18 @@ class Processes:
         return self.world_size > 1
 
 
+SINGLE_PROCESS = Processes()
+"""A plain run: one process, no process group."""
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a torch.distributed job, and always without one. Writers that are not
+    handed a `Processes` (checkpoint and metrics files, progress bars) act only where it is True."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return True
+
+
 def setup(timeout_minutes: float = 30.0) -> Processes:
     """Join the torchrun process group if this process was started by torchrun (WORLD_SIZE > 1).
 
@@ -196,3 +208,68 @@ def _restore_gradient_sync(module: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         module.set_requires_gradient_sync(True)
+
+
+# ----------------------------------------------------------------------------------------------
+# FSDP: the full state, gathered for a checkpoint and sharded back on resume
+# ----------------------------------------------------------------------------------------------
+
+
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks FSDP shards one by one: transformers names their class in _no_split_modules."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    blocks = [module for module in base.modules() if type(module).__name__ in names]
+    if not blocks:
+        raise ValueError(f"fsdp: found no decoder blocks to shard in {type(base).__name__} "
+                         f"(its _no_split_modules is {sorted(names)})")
+    return blocks
+
+
+def gathered_full_model(model: torch.nn.Module, vessel: Callable[[], torch.nn.Module],
+                        processes: Processes) -> torch.nn.Module | None:
+    """FSDP: the sharded model's full weights, gathered (every rank takes part) into `vessel()`,
+    an unsharded copy built on rank 0; None on the other ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not processes.is_main:
+        return None
+    copy = vessel()
+    copy.load_state_dict(full)
+    return copy
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """FSDP: the optimizer state of every shard, gathered into one unsharded state dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                    optimizer_state: dict) -> None:
+    """FSDP: shard full (unsharded) model and optimizer state dicts onto this rank."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=full)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=full)
+
+
+class FullStateHolder:
+    """Stands in for the optimizer in save_checkpoint/load_checkpoint under FSDP: holds the full
+    optimizer state dict gathered from (or to be sharded back onto) the ranks."""
+
+    def __init__(self, state: dict | None = None) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict | None:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state

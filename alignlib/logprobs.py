@@ -27,6 +27,7 @@ import os
 
 import torch
 
+from alignlib.kernels.reference import IGNORE_INDEX, check_labels
 from alignlib.kernels.reference import linear_token_logprobs_torch as _linear_token_logprobs_torch
 from alignlib.kernels.reference import token_logprobs_lean as _token_logprobs_torch
 
@@ -37,7 +38,9 @@ try:  # triton is a Linux-only dependency
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     _token_logprobs_triton = _linear_token_logprobs_triton = None
 
-IGNORE_INDEX = -100
+__all__ = ["BACKENDS", "IGNORE_INDEX", "linear_token_logprobs", "sequence_logprobs", "sequence_logprobs_from_hidden",
+           "token_logprobs"]
+
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -61,14 +64,14 @@ def token_logprobs(
         position in `labels` and V (a kernel would otherwise read out of bounds).
     """
     _check_logits_and_labels(logits, labels)
-    _check_labels(labels, logits.shape[-1], ignore_index, "logits.shape[-1]")
+    check_labels(labels, logits.shape[-1], ignore_index, vocab_from="logits.shape[-1]")
     return _token_logprobs(logits, labels, ignore_index, backend)
 
 
 def _token_logprobs(logits, labels, ignore_index, backend):
-    """token_logprobs past its checks: picks the backend."""
+    """token_logprobs past its checks (labels included, so the kernel does not repeat them): picks the backend."""
     if _use_triton(logits, backend):
-        return _token_logprobs_triton(logits, labels, ignore_index)
+        return _token_logprobs_triton(logits, labels, ignore_index, labels_checked=True)
     return _token_logprobs_torch(logits, labels, ignore_index)
 
 
@@ -88,33 +91,6 @@ def _check_label_dtype(labels: torch.Tensor) -> None:
         raise ValueError(f"labels must be integer token ids, got {getattr(labels, 'dtype', type(labels))}")
     if labels.dtype == torch.bool:
         raise ValueError(f"labels must be integer token ids, got dtype {labels.dtype}")
-
-
-def _check_labels(
-    labels: torch.Tensor, vocab_size: int, ignore_index: int, vocab_from: str, shift: int = 0
-) -> None:
-    """Raise a ValueError if a label other than ignore_index lies outside [0, vocab_size).
-
-    The message names the first such id, its position and V. The test is one elementwise
-    pass and one reduction; `bool()` of it waits for the device once (one CUDA sync per
-    call), the price of a clear error instead of an out-of-bounds read in the kernel.
-    Positions are reported in the caller's coordinates: `shift` is added to the last index
-    (sequence_logprobs checks labels[:, 1:] and reports the column in labels). `vocab_from`
-    says where V came from, for the message.
-    """
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-    if not bool(bad.any()):
-        return
-    where = bad.nonzero()
-    position = where[0].tolist()
-    value = labels[tuple(position)].item()
-    if position:
-        position[-1] += shift
-    raise ValueError(
-        f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; got {value} at position "
-        f"{tuple(position)} ({where.shape[0]} such label{'s' if where.shape[0] > 1 else ''}); V = {vocab_size} "
-        f"is {vocab_from}: do the tokenizer and the model agree?"
-    )
 
 
 def _use_triton(logits: torch.Tensor, backend: str | None) -> bool:
@@ -159,7 +135,7 @@ def linear_token_logprobs(
         ValueError for a label outside [0, V) that is not ignore_index (see `token_logprobs`).
     """
     _check_hidden_and_labels(hidden, lm_head_weight, labels)
-    _check_labels(labels, lm_head_weight.shape[0], ignore_index, "lm_head_weight.shape[0]")
+    check_labels(labels, lm_head_weight.shape[0], ignore_index, vocab_from="lm_head_weight.shape[0]")
     return _linear_token_logprobs(hidden, lm_head_weight, labels, ignore_index, chunk_size, backend)
 
 
@@ -172,12 +148,13 @@ def _check_hidden_and_labels(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
 
 
 def _linear_token_logprobs(hidden, lm_head_weight, labels, ignore_index, chunk_size, backend):
-    """linear_token_logprobs past its checks: picks the backend."""
+    """linear_token_logprobs past its checks (labels included): picks the backend."""
     if _use_triton(hidden, backend):
         return _linear_token_logprobs_triton(
-            hidden, lm_head_weight, labels, ignore_index=ignore_index, chunk_size=chunk_size
+            hidden, lm_head_weight, labels, ignore_index=ignore_index, chunk_size=chunk_size, labels_checked=True
         )
-    return _linear_token_logprobs_torch(hidden, lm_head_weight, labels, ignore_index=ignore_index, chunk_size=chunk_size)
+    return _linear_token_logprobs_torch(hidden, lm_head_weight, labels, ignore_index=ignore_index,
+                                        chunk_size=chunk_size, labels_checked=True)
 
 
 def sequence_logprobs(
@@ -210,13 +187,9 @@ def sequence_logprobs(
         )
     shifted_labels = labels[:, 1:]
     _check_logits_and_labels(logits[:, :-1], shifted_labels)
-    _check_labels(shifted_labels, logits.shape[-1], ignore_index, "logits.shape[-1]", shift=1)
+    check_labels(shifted_labels, logits.shape[-1], ignore_index, vocab_from="logits.shape[-1]", shift=1)
     per_token = _token_logprobs(logits[:, :-1], shifted_labels, ignore_index, backend)
-    total = per_token.sum(dim=-1)
-    if not average:
-        return total
-    counts = (shifted_labels != ignore_index).sum(dim=-1)
-    return total / counts.clamp(min=1).to(total.dtype)
+    return _sum_or_mean(per_token, shifted_labels, ignore_index, average)
 
 
 def sequence_logprobs_from_hidden(
@@ -240,10 +213,15 @@ def sequence_logprobs_from_hidden(
         )
     shifted_labels = labels[:, 1:]
     _check_hidden_and_labels(hidden, lm_head_weight, shifted_labels)
-    _check_labels(shifted_labels, lm_head_weight.shape[0], ignore_index, "lm_head_weight.shape[0]", shift=1)
+    check_labels(shifted_labels, lm_head_weight.shape[0], ignore_index, vocab_from="lm_head_weight.shape[0]", shift=1)
     per_token = _linear_token_logprobs(hidden[:, :-1], lm_head_weight, shifted_labels, ignore_index, chunk_size, backend)
+    return _sum_or_mean(per_token, shifted_labels, ignore_index, average)
+
+
+def _sum_or_mean(per_token: torch.Tensor, labels: torch.Tensor, ignore_index: int, average: bool) -> torch.Tensor:
+    """(B, T) per-token log-probs -> (B,) their sum, or their mean over the labelled tokens (0 for none)."""
     total = per_token.sum(dim=-1)
     if not average:
         return total
-    counts = (shifted_labels != ignore_index).sum(dim=-1)
+    counts = (labels != ignore_index).sum(dim=-1)
     return total / counts.clamp(min=1).to(total.dtype)

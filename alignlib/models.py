@@ -1,13 +1,13 @@
-"""Load the models a preference run needs: policy, reference, reward model; save them.
+"""Load the models a preference run needs: policy, reference, reward model.
 
 - `ModelConfig`: TRL's field names (model_name_or_path, dtype, use_peft, lora_r, load_in_4bit...),
   parsed by transformers.HfArgumentParser like any dataclass.
 - `load_tokenizer`, `load_causal_lm`, `load_reward_model`: transformers + peft (LoRA) +
   bitsandbytes (QLoRA: 4-bit NF4 base weights, LoRA adapters on top).
 - `make_reference`: the reference policy of DPO-style losses and of PPO's KL, by one of three
-  strategies (see REFERENCE_STRATEGIES), as a callable `(input_ids, attention_mask) -> logits`;
-  `precompute_per_example` runs any such callable once over a dataset.
-- `save_model`, `load_for_generation`: Hugging Face / peft directories, written atomically.
+  strategies (see REFERENCE_STRATEGIES), as a callable `(input_ids, attention_mask) -> logits`.
+
+Saving a trained model and loading it back for generation is alignlib.saved_models'.
 
 Models are loaded from local directories (or Hub ids "org/name" already in the local Hugging
 Face cache); nothing is downloaded. Bad settings fail early with a one-line ValueError or
@@ -17,38 +17,28 @@ FileNotFoundError.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import errno
 import importlib
-import json
 import os
-import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-
-from alignlib.training import atomic_directory
 
 __all__ = [
     "DTYPES",
     "REFERENCE_STRATEGIES",
     "ModelConfig",
     "ReferenceForward",
+    "is_peft_model",
+    "is_quantized",
     "load_causal_lm",
-    "load_for_generation",
     "load_frozen_causal_lm",
     "load_reward_model",
     "load_tokenizer",
     "lora_config",
     "make_reference",
-    "precompute_per_example",
-    "save_model",
 ]
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -164,7 +154,7 @@ class ModelConfig:
 # ----------------------------------------------------------------------------------------------
 
 
-def _local_dir(path: str | os.PathLike | None, what: str = "model", *, revision: str = "main",
+def local_dir(path: str | os.PathLike | None, what: str = "model", *, revision: str = "main",
                need_config: bool = True) -> str:
     """The local directory to load from, or a one-line FileNotFoundError / ValueError.
 
@@ -186,7 +176,7 @@ def _local_dir(path: str | os.PathLike | None, what: str = "model", *, revision:
     if need_config and not os.path.isfile(os.path.join(path, "config.json")):
         if os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise FileNotFoundError(f"{what} directory {path} has no config.json: it holds a LoRA adapter; "
-                                    "load it with load_for_generation")
+                                    "load it with alignlib.saved_models.load_for_generation")
         raise FileNotFoundError(f"{what} directory {path} has no config.json: not a model directory")
     return path
 
@@ -243,11 +233,12 @@ def _load_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     return kwargs
 
 
-def _is_quantized(model: torch.nn.Module) -> bool:
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether bitsandbytes loaded the model's weights in 4 or 8 bit (they sit where it put them)."""
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
-def _keep_4bit_weights_trainable_on_cpu(model: torch.nn.Module) -> None:
+def keep_4bit_weights_trainable_on_cpu(model: torch.nn.Module) -> None:
     """Turn off bitsandbytes' CPU inference repacking of 4-bit weights.
 
     On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit weight in place the
@@ -268,8 +259,8 @@ def _keep_4bit_weights_trainable_on_cpu(model: torch.nn.Module) -> None:
 def _load(auto_class: Any, path: str, cfg: ModelConfig, **kwargs: Any) -> Any:
     """auto_class.from_pretrained(path) with cfg's dtype, revision and quantisation."""
     model = auto_class.from_pretrained(path, **_load_kwargs(cfg), **kwargs)
-    if _is_quantized(model):
-        _keep_4bit_weights_trainable_on_cpu(model)
+    if is_quantized(model):
+        keep_4bit_weights_trainable_on_cpu(model)
     return model
 
 
@@ -290,7 +281,7 @@ def load_tokenizer(path: str | os.PathLike, *, padding_side: str | None = None,
     """
     from transformers import AutoTokenizer
 
-    path = _local_dir(path, what, revision=revision, need_config=False)
+    path = local_dir(path, what, revision=revision, need_config=False)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -323,7 +314,7 @@ def lora_config(cfg: ModelConfig, task_type: str | None = None) -> Any:
 def _prepare_for_training(model: Any, cfg: ModelConfig, gradient_checkpointing: bool, task_type: str) -> Any:
     """Gradient checkpointing, k-bit preparation and the LoRA adapter, in that order."""
     checkpointing_kwargs = {"use_reentrant": False}
-    if _is_quantized(model):
+    if is_quantized(model):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
@@ -365,7 +356,7 @@ def load_causal_lm(cfg: ModelConfig, *, gradient_checkpointing: bool = False) ->
     """
     from transformers import AutoModelForCausalLM
 
-    path = _local_dir(cfg.model_name_or_path, revision=cfg.model_revision)
+    path = local_dir(cfg.model_name_or_path, revision=cfg.model_revision)
     if (cfg.load_in_4bit or cfg.load_in_8bit) and not cfg.use_peft:
         raise ValueError("load_in_4bit / load_in_8bit weights cannot be trained directly: set use_peft=True (QLoRA)")
     model = _load(AutoModelForCausalLM, path, cfg)
@@ -384,7 +375,7 @@ def load_reward_model(cfg: ModelConfig, num_labels: int = 1, *, tokenizer: Any =
     """
     from transformers import AutoModelForSequenceClassification
 
-    path = _local_dir(cfg.model_name_or_path, revision=cfg.model_revision)
+    path = local_dir(cfg.model_name_or_path, revision=cfg.model_revision)
     if not isinstance(num_labels, int) or num_labels < 1:
         raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
     if (cfg.load_in_4bit or cfg.load_in_8bit) and not cfg.use_peft:
@@ -400,7 +391,7 @@ def load_frozen_causal_lm(cfg: ModelConfig, path: str | os.PathLike | None = Non
     quantisation but no adapter; `path` defaults to cfg.model_name_or_path."""
     from transformers import AutoModelForCausalLM
 
-    path = _local_dir(path or cfg.model_name_or_path, "reference model", revision=cfg.model_revision)
+    path = local_dir(path or cfg.model_name_or_path, "reference model", revision=cfg.model_revision)
     model = _load(AutoModelForCausalLM, path, cfg)
     model.eval()
     model.requires_grad_(False)
@@ -426,7 +417,7 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _is_peft_model(model: Any) -> bool:
+def is_peft_model(model: Any) -> bool:
     try:
         from peft import PeftModel
     except ImportError:  # pragma: no cover - peft is a dependency
@@ -449,7 +440,7 @@ class ReferenceForward:
         strategy: the REFERENCE_STRATEGIES entry it was made for.
         model: the module it runs (a frozen copy, or the policy itself).
         precompute_only: True for "precomputed": the trainer must call it over the data
-            (see `precompute_per_example`) before the first optimizer step, and use the stored
+            before the first optimizer step, and use the stored
             values afterwards. On a fully fine-tuned policy a call after the policy changed
             raises RuntimeError.
     """
@@ -483,11 +474,11 @@ def make_reference(strategy: str, policy: torch.nn.Module, cfg: ModelConfig | No
             policy. The usual choice with LoRA.
         "precomputed": reference log-probs computed once before training and stored; this
             returns the callable that computes them (the adapter-disabled policy for a peft
-            policy, else the policy as it is now), for `precompute_per_example`.
+            policy, else the policy as it is now), which the trainer runs once over the data.
     """
     if strategy not in REFERENCE_STRATEGIES:
         raise ValueError(f"unknown reference strategy {strategy!r}; known: {', '.join(REFERENCE_STRATEGIES)}")
-    is_peft = _is_peft_model(policy)
+    is_peft = is_peft_model(policy)
     if strategy == "adapter_disabled":
         if not is_peft:
             raise ValueError("reference strategy 'adapter_disabled' needs a LoRA (peft) policy; this policy has no "
@@ -499,223 +490,6 @@ def make_reference(strategy: str, policy: torch.nn.Module, cfg: ModelConfig | No
         raise ValueError("reference strategy 'model' needs cfg or ref_model_name_or_path to load the model from")
     cfg = cfg or ModelConfig(model_name_or_path=str(ref_model_name_or_path))
     reference = load_frozen_causal_lm(cfg, ref_model_name_or_path)
-    if not _is_quantized(reference):
+    if not is_quantized(reference):
         reference.to(next(policy.parameters()).device)
     return ReferenceForward(strategy, reference, disable_adapter=False)
-
-
-def precompute_per_example(fn: Callable[[dict[str, Any]], torch.Tensor],
-                           dataloader: torch.utils.data.DataLoader, *, index_key: str = "index") -> torch.Tensor:
-    """Run `fn(batch) -> (B, ...)` over a whole DataLoader under no_grad; return (N, ...) on CPU
-    with row i holding example i's value (N = len(dataloader.dataset)).
-
-    Examples are placed by `batch[index_key]` (B,) when the batches carry it; otherwise the
-    loader must not shuffle and rows are filled in order. Every example must be seen once.
-    """
-    from torch.utils.data import SequentialSampler
-
-    num_examples = len(dataloader.dataset)
-    result: torch.Tensor | None = None
-    seen = torch.zeros(num_examples, dtype=torch.bool)
-    position = 0
-    with torch.no_grad():
-        for batch in dataloader:
-            values = fn(batch).detach().cpu()
-            if index_key in batch:
-                index = torch.as_tensor(batch[index_key]).long().cpu()
-            elif isinstance(dataloader.sampler, SequentialSampler):
-                index = torch.arange(position, position + values.shape[0])
-            else:
-                raise ValueError(f"batches carry no {index_key!r} and the DataLoader does not iterate in order: add "
-                                 f"the example index to each batch as {index_key!r}, or use shuffle=False")
-            if index.shape[0] != values.shape[0]:
-                raise ValueError(f"fn returned {values.shape[0]} rows for a batch of {index.shape[0]} examples")
-            if result is None:
-                result = torch.zeros((num_examples, *values.shape[1:]), dtype=values.dtype)
-            result[index] = values
-            seen[index] = True
-            position += values.shape[0]
-    if result is None or not bool(seen.all()):
-        missing = (~seen).nonzero().flatten()[:5].tolist()
-        raise ValueError(f"the DataLoader did not yield every example once (missing e.g. {missing}); "
-                         "use drop_last=False and a sampler over the whole dataset")
-    return result
-
-
-# ----------------------------------------------------------------------------------------------
-# Saving and loading for generation
-# ----------------------------------------------------------------------------------------------
-
-
-def save_model(model: Any, tokenizer: Any, output_dir: str | os.PathLike, *, merge_adapter: bool = False) -> Path:
-    """Save in a form `from_pretrained` loads, atomically (a hidden temp dir renamed into place).
-
-    - a peft model: adapter_model.safetensors + adapter_config.json (load with
-      `load_for_generation` or peft.PeftModel.from_pretrained over the base model);
-    - merge_adapter=True: the adapter merged into a copy of the base weights, saved as a full
-      model (the training model is not modified). A 4-bit/8-bit base is dequantised first: the
-      base is reloaded in the compute dtype from the adapter's base_model_name_or_path and its
-      quantised layers replaced by their dequantised weights, so the merged model computes
-      what the trained QLoRA model computed;
-    - any other model: save_pretrained.
-    `tokenizer` (or None) is saved beside it. Returns the output directory.
-    """
-    output_dir = Path(output_dir)
-    is_peft = _is_peft_model(model)
-    if merge_adapter and not is_peft:
-        raise ValueError("merge_adapter=True needs a peft model; this model has no adapter to merge")
-    from safetensors import SafetensorError
-
-    try:
-        with atomic_directory(output_dir) as tmp:
-            if merge_adapter:
-                _merged_copy(model, tmp).save_pretrained(tmp)
-            else:
-                model.save_pretrained(tmp)
-                if is_peft and _is_quantized(model.get_base_model()):
-                    (tmp / BASE_QUANTIZATION_FILE).write_text(json.dumps(_quantization_dict(model.get_base_model())))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-    except SafetensorError as exc:  # e.g. a full disk: safetensors reports "... (os error 28)", not an OSError
-        code = re.search(r"os error (\d+)", str(exc))
-        raise OSError(int(code.group(1)) if code else errno.EIO,
-                      f"could not save the model in {output_dir}: {exc}") from exc
-    return output_dir
-
-
-# Saved beside an adapter trained over a quantised base, so it is reloaded over the same base.
-BASE_QUANTIZATION_FILE = "base_quantization_config.json"
-
-
-def _quantization_dict(model: torch.nn.Module) -> dict:
-    """The bitsandbytes quantization config the model was loaded with, as a JSON-ready dict."""
-    quantization = model.config.quantization_config
-    return quantization if isinstance(quantization, dict) else quantization.to_dict()
-
-
-def _merged_copy(peft_model: Any, scratch_dir: Path) -> torch.nn.Module:
-    """The adapter of `peft_model` merged into a full-precision copy of its base model."""
-    if not _is_quantized(peft_model.get_base_model()):
-        return copy.deepcopy(peft_model).merge_and_unload()
-    import bitsandbytes as bnb
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    adapter_cfg = peft_model.peft_config[peft_model.active_adapter]
-    try:
-        base_path = _local_dir(adapter_cfg.base_model_name_or_path, "base model")
-    except (FileNotFoundError, ValueError) as exc:
-        raise ValueError(f"merging into a quantised base reloads the base model's weights: {exc}; "
-                         "or save the adapter alone (merge_adapter=False)") from None
-    quantized = peft_model.get_base_model()
-    compute_dtype = _bnb_compute_dtype(quantized)
-    is_seq_cls = adapter_cfg.task_type == "SEQ_CLS"
-    auto_class = AutoModelForSequenceClassification if is_seq_cls else AutoModelForCausalLM
-    kwargs = {"num_labels": quantized.config.num_labels} if is_seq_cls else {}
-    base = auto_class.from_pretrained(base_path, dtype=compute_dtype, **kwargs)
-    float_modules = dict(base.named_modules())
-    with torch.no_grad():
-        for name, module in quantized.named_modules():
-            if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
-                float_name = name.removesuffix(".base_layer")
-                float_modules[float_name].weight.copy_(_dequantized_weight(module).to(compute_dtype))
-    adapter_dir = Path(tempfile.mkdtemp(prefix="adapter-", dir=scratch_dir))
-    try:
-        peft_model.save_pretrained(adapter_dir)
-        return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    finally:
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-
-
-def _bnb_compute_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype a bitsandbytes-quantised model computes in (float32 when not recorded)."""
-    quantization = getattr(model.config, "quantization_config", None)
-    if isinstance(quantization, dict):
-        dtype = quantization.get("bnb_4bit_compute_dtype")
-    else:
-        dtype = getattr(quantization, "bnb_4bit_compute_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."), None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
-
-
-def _dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
-    """The float weight of a bitsandbytes 4-bit or 8-bit linear layer (peft's helper)."""
-    from peft.utils.integrations import dequantize_bnb_weight
-
-    return dequantize_bnb_weight(module.weight, state=getattr(module, "state", None))
-
-
-def load_for_generation(path: str | os.PathLike, *, dtype: str = "auto",
-                        base_model_name_or_path: str | os.PathLike | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) from a full model directory or a LoRA adapter directory, in eval mode.
-
-    An adapter directory (adapter_config.json) is loaded over its base model, read from
-    adapter_config.json's base_model_name_or_path unless `base_model_name_or_path` is given.
-    An adapter trained on a different base (other shapes) raises ValueError. The tokenizer is
-    taken from `path` when saved there, else from the base model; None when neither has one.
-    """
-    from transformers import AutoModelForCausalLM
-
-    path = str(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model path {path} does not exist")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    adapter_config = Path(path) / "adapter_config.json"
-    if not adapter_config.is_file():
-        model = AutoModelForCausalLM.from_pretrained(_local_dir(path), dtype=DTYPES[dtype])
-        return model.eval(), load_tokenizer(path) if _has_tokenizer(path) else None
-
-    from peft import PeftModel
-
-    base_path = str(base_model_name_or_path or json.loads(adapter_config.read_text()).get("base_model_name_or_path")
-                    or "")
-    base_path = _local_dir(base_path, f"base model of the adapter in {path}")
-    quantization_file = Path(path) / BASE_QUANTIZATION_FILE
-    if quantization_file.is_file():  # trained as QLoRA: the adapter belongs over the same quantised base
-        from transformers import BitsAndBytesConfig
-
-        quantization = BitsAndBytesConfig.from_dict(json.loads(quantization_file.read_text()))
-        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
-        base = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quantization,
-                                                    device_map=device_map)
-        _keep_4bit_weights_trainable_on_cpu(base)
-    else:
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[dtype])
-    try:
-        model = PeftModel.from_pretrained(base, path)
-    except RuntimeError as exc:
-        mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), None)
-        if mismatch is None:
-            raise
-        raise ValueError(f"the adapter in {path} was saved for a different base model than {base_path}: "
-                         f"{mismatch}") from None
-    _require_matching_adapter_keys(model, Path(path), base_path)
-    tokenizer_path = path if _has_tokenizer(path) else base_path
-    return model.eval(), load_tokenizer(tokenizer_path) if _has_tokenizer(tokenizer_path) else None
-
-
-def _require_matching_adapter_keys(model: Any, adapter_dir: Path, base_path: str) -> None:
-    """peft loads adapter weights non-strictly: weights for layers the base lacks are dropped and
-    layers the file lacks keep a fresh adapter. Refuse both (the model would not be the one trained)."""
-    from peft import get_peft_model_state_dict
-    from safetensors import safe_open
-
-    weights_file = adapter_dir / "adapter_model.safetensors"
-    if not weights_file.is_file():  # an older .bin adapter: peft's own checks only
-        return
-    with safe_open(str(weights_file), framework="pt") as handle:
-        saved = set(handle.keys())
-    expected = set(get_peft_model_state_dict(model))
-    if saved != expected:
-        extra, missing = sorted(saved - expected), sorted(expected - saved)
-        raise ValueError(f"the adapter in {adapter_dir} was saved for a different base model than {base_path}: "
-                         f"{len(extra)} adapter weights have no place in this base (e.g. {extra[:1]}), "
-                         f"{len(missing)} of its adapter weights are not in the file (e.g. {missing[:1]})")
-
-
-def _has_tokenizer(path: str) -> bool:
-    return os.path.isdir(path) and any(
-        (Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")
-    )

@@ -1,88 +1,67 @@
-"""What every training loop shares: optimizer and scheduler, checkpoints, metrics, progress.
+"""What every training loop shares: seeds, optimizer and scheduler, the step schedule, the
+non-finite policy, resume, and checkpoints that know about ranks.
 
-The pairwise trainer (alignlib.trainer) and the PPO loop (alignlib.rl) both build on these
-pieces; neither writes its own.
+The offline trainer (alignlib.trainer) and the online loop (alignlib.rl) both build on these
+pieces; neither writes its own. Checkpoint files and atomic writes are alignlib.checkpoint's;
+metrics.jsonl and progress are alignlib.metrics'.
 
 - `make_optimizer`, `make_scheduler`: transformers' optimizer and scheduler names.
-- `save_checkpoint`, `find_latest_checkpoint`, `load_checkpoint`: atomic, validated
-  checkpoints that resume bitwise-identically on CPU (model, optimizer, scheduler, every RNG,
-  the data position).
-- `SeededSampler`: a shuffling sampler whose order depends only on (seed, epoch), so a
-  resumed run sees the same batches.
-- `MetricsLogger`: metrics.jsonl, one JSON object per logging step, trimmed on resume.
-- `Progress`, `Throughput`, `set_seed`, `is_main_process`.
-
-A checkpoint directory, `output_dir/checkpoint-{step}/`, holds
-
-    model.pt            trainable parameters (all of them, as a state dict, in full fine-tuning)
-    optimizer.pt        optimizer.state_dict()
-    scheduler.pt        scheduler.state_dict()
-    rng_state.pt        python, numpy, torch (cpu, cuda) generator states
-    trainer_state.json  step, epoch, data_state, metadata
-    manifest.json       size and sha256 of every file above; written last
-
-It is written into a hidden temporary directory, every file fsynced, then renamed into place
-in one `os.replace`; only then is `output_dir/latest` (a one-line pointer) rewritten. A
-checkpoint without a manifest that matches its files is never loaded. Killed at any point, a
-save leaves the previous checkpoints loadable (tests/reliability/test_faults.py kills it at
-each stage); the hidden temporaries it leaves are removed by the next successful save.
+- `SeededSampler`, `Schedule`: an example order that depends only on (seed, epoch), so a
+  resumed run sees the same batches; a step's examples split over ranks and micro-batches.
+- `NonFiniteGuard`: `on_nonfinite`, one meaning for every command: "stop" ends the run at a
+  step whose loss or gradient norm is NaN/inf, "skip" drops that update (and stops after
+  MAX_SKIPPED_IN_A_ROW in a row).
+- `checkpoint_to_resume`: `resume_from_checkpoint`, one meaning for every command.
+- `save_training_checkpoint`, `resume_training`: checkpoints of a run on one or several ranks
+  (every rank's RNG state; FSDP's full weights gathered on rank 0).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import hashlib
-import json
 import math
-import os
-import random
-import re
-import shutil
-import tempfile
-import time
-import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Sampler
-from tqdm.auto import tqdm
+
+from alignlib.checkpoint import (
+    find_latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from alignlib.distributed import (
+    SINGLE_PROCESS,
+    FullStateHolder,
+    Processes,
+    full_optimizer_state,
+    gather_objects,
+    gathered_full_model,
+    load_full_state,
+    run_on_main,
+    shard,
+)
 
 __all__ = [
+    "MAX_SKIPPED_IN_A_ROW",
     "OPTIMIZER_NAMES",
-    "MetricsLogger",
-    "Progress",
+    "NonFiniteGuard",
+    "Schedule",
     "SeededSampler",
-    "Throughput",
-    "atomic_directory",
-    "find_latest_checkpoint",
-    "is_main_process",
-    "load_checkpoint",
+    "checkpoint_to_resume",
+    "clip_grad_norm",
+    "finite_or_poisoned",
     "make_optimizer",
     "make_scheduler",
-    "read_metrics",
-    "save_checkpoint",
+    "rank_batches",
+    "resume_training",
+    "save_training_checkpoint",
     "set_seed",
-    "validate_checkpoint",
 ]
-
-# ----------------------------------------------------------------------------------------------
-# Processes and seeds
-# ----------------------------------------------------------------------------------------------
-
-
-def is_main_process() -> bool:
-    """True on rank 0 of a torch.distributed job, and always without one.
-
-    The writers here (checkpoints, metrics, progress bars) act only on the main process. Multi-
-    process training (issue 7) extends this hook; nothing else here is rank-aware yet.
-    """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return True
 
 
 def set_seed(seed: int, *, deterministic: bool = False) -> None:
@@ -243,583 +222,200 @@ class SeededSampler(Sampler[int]):
 
 
 # ----------------------------------------------------------------------------------------------
-# Atomic writes
+# Which examples each step uses
 # ----------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # some filesystems refuse fsync on a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def rank_batches(indices: list[int], size: int, processes: Processes = SINGLE_PROCESS) -> list[list[int]]:
+    """This rank's share of `indices` (`distributed.shard`), in batches of at most `size`.
 
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every file under root, then every directory (deepest first)."""
-    dirs = []
-    for dirpath, _, filenames in os.walk(root):
-        dirs.append(Path(dirpath))
-        for filename in filenames:
-            fd = os.open(Path(dirpath) / filename, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    for directory in reversed(dirs):
-        _fsync_dir(directory)
-
-
-def _umask() -> int:
-    """The process umask, read from /proc where it can be (os.umask can only be read by setting it)."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same directory and os.replace.
-
-    The file gets the usual permissions (0o666 less the umask), not mkstemp's private 0o600.
+    Every rank gets the same number of batches, so each joins every collective (a gradient
+    all-reduce, an FSDP forward): where a rank's share is shorter, its list ends with empty
+    batches, which the caller runs with zero weight.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fchmod(handle.fileno(), 0o666 & ~_umask())
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    mine = shard(indices, processes)
+    count = math.ceil(math.ceil(len(indices) / processes.world_size) / size)
+    batches = [mine[i : i + size] for i in range(0, len(mine), size)]
+    return batches + [[] for _ in range(count - len(batches))]
 
 
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh hidden directory next to `target`; on success it replaces `target`.
+@dataclass(frozen=True)
+class Schedule:
+    """Which examples each optimizer step uses: depends only on (seed, epoch, step).
 
-    Everything written inside is fsynced, then the directory is renamed onto `target` (an
-    existing `target` is moved aside first, and removed after; put back if the rename fails).
-    On any error the temporary directory is removed (where the filesystem still allows it; a
-    crash or a read-only filesystem can leave it behind, and `save_checkpoint` clears its own on
-    its next success) and `target` is left as it was. The directory gets the usual permissions
-    (0o777 less the umask), not mkdtemp's private 0o700.
+    pairs_per_step is global: per_device_train_batch_size x gradient_accumulation_steps x the
+    number of ranks. Under torchrun each rank takes its share of a step and splits it into
+    micro-batches of `micro_batch` (`rank_batches`).
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    aside = None
-    try:
-        tmp.chmod(0o777 & ~_umask())
-        yield tmp
-        _fsync_tree(tmp)
-        if target.exists():
-            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)) / target.name
-            os.replace(target, aside)
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        if aside is not None and aside.exists() and not target.exists():
-            with contextlib.suppress(OSError):
-                os.replace(aside, target)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if aside is not None:
-            shutil.rmtree(aside.parent, ignore_errors=True)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside.parent, ignore_errors=True)
 
+    num_examples: int
+    pairs_per_step: int
+    micro_batch: int
+    seed: int
 
-def _remove_stale_temporaries(directory: Path, pattern: str) -> None:
-    """Delete the hidden temporaries (files or directories) in `directory` whose names match the
-    regular expression `pattern`: what a killed save, or one on a filesystem that had turned
-    read-only, left behind. Only call it where no save into `directory` runs at the same time."""
-    with contextlib.suppress(FileNotFoundError):
-        for entry in directory.iterdir():
-            if re.match(pattern, entry.name):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    with contextlib.suppress(OSError):
-                        entry.unlink()
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.num_examples / self.pairs_per_step)
+
+    def step_indices(self, step: int) -> list[int]:
+        """Example indices of step `step` (0-based), over all ranks."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        sampler = SeededSampler(self.num_examples, seed=self.seed)
+        sampler.set_epoch(epoch)
+        return sampler.order()[position * self.pairs_per_step : (position + 1) * self.pairs_per_step]
+
+    def micro_batches(self, step: int, processes: Processes = SINGLE_PROCESS) -> list[list[int]]:
+        """This rank's example indices of step `step`, split into micro-batches (see rank_batches)."""
+        return rank_batches(self.step_indices(step), self.micro_batch, processes)
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
+# Non-finite steps
 # ----------------------------------------------------------------------------------------------
 
-CHECKPOINT_PREFIX = "checkpoint-"
-LATEST_FILE = "latest"
-MANIFEST_FILE = "manifest.json"
-_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+MAX_SKIPPED_IN_A_ROW = 8  # on_nonfinite="skip" gives up after this many non-finite updates in a row
 
 
-def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state a checkpoint must hold: the full state dict when every parameter trains
-    (full fine-tuning), else only the trainable parameters (LoRA adapters, a reward head)."""
-    params = dict(model.named_parameters())
-    if all(p.requires_grad for p in params.values()):
-        return model.state_dict()
-    return {name: p.detach() for name, p in params.items() if p.requires_grad}
+class NonFiniteGuard:
+    """The `on_nonfinite` policy for updates whose loss or gradient norm is NaN or inf.
+
+    `allows(where, loss, grad_norm)` is True for a finite update. For a non-finite one, "stop"
+    raises FloatingPointError before the weights are touched; "skip" logs
+    `skipped_nonfinite_step`, prints a line and returns False (the caller drops the update),
+    and raises once MAX_SKIPPED_IN_A_ROW updates in a row were non-finite.
+
+    The check runs on the loss and gradient norm every rank agrees on (summed and all-reduced),
+    so every rank takes the same branch.
+    """
+
+    def __init__(self, policy: str, log: Callable[[dict, int], Any] | None = None, *, verbose: bool = True) -> None:
+        self.policy, self.log, self.verbose = policy, log, verbose
+        self.skipped_in_a_row = 0
+
+    def allows(self, step: int, loss: float, grad_norm: float, *, where: str | None = None) -> bool:
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.skipped_in_a_row = 0
+            return True
+        what = f"{where or f'step {step}'}: the loss is {loss} and the gradient norm {grad_norm}"
+        if self.policy == "stop":
+            raise FloatingPointError(f"{what}; stopping before the weights are corrupted (on_nonfinite='skip' skips "
+                                     "such steps instead)")
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise FloatingPointError(f"{what}; {self.skipped_in_a_row} steps in a row were non-finite, stopping")
+        if self.log is not None:
+            self.log({"skipped_nonfinite_step": step}, step)
+        if self.verbose:
+            print(f"{what}; update skipped (on_nonfinite='skip')", flush=True)
+        return False
 
 
-def rng_state() -> dict[str, Any]:
-    """The state of every random generator a training step can draw from."""
-    version, keys, gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {
-        "python": {"version": version, "keys": list(keys), "gauss": gauss},
-        "numpy": {"name": np_name, "keys": np_keys.tolist(), "pos": int(np_pos), "has_gauss": int(np_has_gauss),
-                  "gauss": float(np_gauss)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def finite_or_poisoned(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`values` with NaN/inf replaced by 0, and a term to add to the loss: 0 when every value was
+    finite, NaN otherwise (and NaN gradients behind it).
+
+    NaN or inf logits are a property of the step, not of the input to a loss function (which
+    refuses non-finite log-probs): this carries them past the loss functions' checks to the
+    step's own check (`NonFiniteGuard`), where `on_nonfinite` stops the run or skips the update
+    on every rank.
+    """
+    if bool(torch.isfinite(values).all()):
+        return values, values.new_zeros(())
+    finite = torch.where(torch.isfinite(values), values, torch.zeros_like(values))
+    return finite, values.sum() * 0.0
 
 
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what `rng_state` returned."""
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["keys"]), py["gauss"]))
-    npy = state["numpy"]
-    np.random.set_state(
-        (npy["name"], np.array(npy["keys"], dtype=np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"])
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
-        else:
-            warnings.warn(
-                f"the checkpoint holds RNG states for {len(cuda_states)} CUDA devices, this machine has "
-                f"{torch.cuda.device_count()}; CUDA RNG states not restored",
-                stacklevel=2,
-            )
+def clip_grad_norm(params: list[torch.Tensor], max_grad_norm: float | None) -> float:
+    """The gradient norm over all ranks, as a float, after clipping to max_grad_norm (None or <= 0: no clip)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm and max_grad_norm > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP: a replicated DTensor
+        norm = norm.full_tensor()
+    return float(norm)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# ----------------------------------------------------------------------------------------------
+# Resume and checkpoints of a run
+# ----------------------------------------------------------------------------------------------
+
+_LATEST = ("latest", "true")  # "true" is the older PPO spelling (and YAML's `true`)
+_NONE = ("", "none", "false")
 
 
-def _checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every `checkpoint-{step}` directory, oldest first; temp dirs excluded."""
-    if not output_dir.is_dir():
-        return []
-    found = []
-    for entry in output_dir.iterdir():
-        match = _CHECKPOINT_RE.match(entry.name)
-        if match and entry.is_dir():
-            found.append((int(match.group(1)), entry))
-    return sorted(found)
+def checkpoint_to_resume(spec: str | Path | bool | None, output_dir: str | Path, *, verbose: bool = True) -> Path | None:
+    """`resume_from_checkpoint` as a checkpoint directory, or None for a fresh start.
+
+    None (or "", "none", "false"): a fresh start. "latest" (or "true"): the newest complete
+    checkpoint in output_dir (`checkpoint.find_latest_checkpoint`); with none there, a fresh
+    start, said in one printed line. Anything else: a checkpoint directory, which must exist.
+    """
+    if spec is None or spec is False or str(spec).strip().lower() in _NONE:
+        return None
+    if spec is True or str(spec).strip().lower() in _LATEST:
+        found = find_latest_checkpoint(output_dir)
+        if found is None and verbose:
+            print(f"resume_from_checkpoint={spec}: no complete checkpoint in {output_dir}; starting from step 0",
+                  flush=True)
+        return found
+    path = Path(spec)
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint directory at {spec}")
+    return path
 
 
-def save_checkpoint(
-    output_dir: str | os.PathLike,
+def save_training_checkpoint(
+    output_dir: str | Path,
     step: int,
     *,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any | None = None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    processes: Processes = SINGLE_PROCESS,
     epoch: float | None = None,
     data_state: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
     save_total_limit: int | None = None,
-    extra_state: Any = None,
-) -> Path:
-    """Write `output_dir/checkpoint-{step}` atomically, update `output_dir/latest`, rotate.
+    fsdp_vessel: Callable[[], torch.nn.Module] | None = None,
+) -> None:
+    """`checkpoint.save_checkpoint` for a run on any number of ranks; every rank calls it.
 
-    Args:
-        model: its `trainable_state_dict` is saved (adapters only for LoRA, everything for full FT).
-        optimizer, scheduler: their state dicts, if given.
-        epoch: the (fractional) epoch reached.
-        data_state: where the data stream stands, e.g. {"epoch": 1, "batches_seen": 12, "seed": 0}
-            (JSON-serialisable).
-        metadata: any other JSON-serialisable facts (config, metrics...).
-        save_total_limit: keep only the newest this many checkpoints (None: keep all).
-        extra_state: anything else `torch.save` can write and `weights_only` can load (e.g. the
-            RNG states of every rank of a distributed run); `load_checkpoint` returns it as
-            state["extra_state"].
-
-    Returns the checkpoint directory.
-
-    Raises OSError when the write fails (disk full, read-only or vanished directory...): errno
-    kept, the message names the checkpoint, the directory and the checkpoint `latest` still
-    points to. The previous checkpoints and `latest` are untouched; the temporary directory is
-    removed, or, where the filesystem no longer allows that, by the next successful save (which
-    also clears what a killed save left). If only the `latest` pointer could not be rewritten,
-    the new checkpoint is complete and the error says so.
+    Every rank's RNG state is gathered into the checkpoint (each continues its own dropout
+    stream on resume) and the world size recorded; rank 0 writes while the others wait, and a
+    failed write raises on every rank. Under FSDP (`fsdp_vessel`: builds an unsharded copy of
+    the model on the CPU) the full weights and optimizer state are gathered into that copy.
     """
-    output_dir = Path(output_dir)
-    target = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    if not is_main_process():
-        return target
-    if not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
-    if save_total_limit is not None and save_total_limit < 1:
-        raise ValueError(f"save_total_limit must be >= 1 or None, got {save_total_limit}")
-    trainer_state = {"step": step, "epoch": epoch, "data_state": dict(data_state or {}),
-                     "metadata": dict(metadata or {}), "time": time.time()}
-    try:
-        trainer_state_text = json.dumps(trainer_state, indent=2, sort_keys=True)
-    except TypeError as exc:
-        raise ValueError(f"data_state and metadata must be JSON-serialisable: {exc}") from None
-
-    try:
-        with atomic_directory(target) as tmp:
-            _torch_save(trainable_state_dict(model), tmp / "model.pt")
-            if optimizer is not None:
-                _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
-            if scheduler is not None:
-                _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
-            _torch_save(rng_state(), tmp / "rng_state.pt")
-            if extra_state is not None:
-                _torch_save(extra_state, tmp / "extra_state.pt")
-            (tmp / "trainer_state.json").write_text(trainer_state_text)
-            files = {
-                path.name: {"size": path.stat().st_size, "sha256": _sha256(path)}
-                for path in sorted(tmp.iterdir())
-            }
-            manifest = {"format": 1, "step": step, "files": files}
-            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    except OSError as exc:
-        previous = _read_latest(output_dir)
-        kept = f"; {previous} is still the latest checkpoint" if previous else ""
-        raise OSError(exc.errno or errno.EIO,
-                      f"could not save checkpoint {target.name} in {output_dir}: {exc.strerror or exc}{kept}") from exc
-    try:
-        _write_text_atomic(output_dir / LATEST_FILE, target.name + "\n")
-    except OSError as exc:
-        raise OSError(exc.errno or errno.EIO,
-                      f"checkpoint {target.name} was saved in {output_dir}, but the {LATEST_FILE} pointer "
-                      f"could not be updated: {exc.strerror or exc}") from exc
-    _remove_stale_temporaries(output_dir, rf"^\.({CHECKPOINT_PREFIX}\d+|{LATEST_FILE})\.(tmp|old)-")
-    if save_total_limit is not None:
-        _rotate_checkpoints(output_dir, save_total_limit, keep=target)
-    return target
+    rng_states = gather_objects(rng_state(), processes)
+    if fsdp_vessel is not None:
+        full_optimizer = full_optimizer_state(model, optimizer)
+        model, optimizer = gathered_full_model(model, fsdp_vessel, processes), FullStateHolder(full_optimizer)
+    run_on_main(lambda: save_checkpoint(
+        output_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+        data_state={**dict(data_state or {}), "world_size": processes.world_size}, metadata=metadata,
+        save_total_limit=save_total_limit, extra_state={"rank_rng_states": rng_states}), processes)
 
 
-def _torch_save(obj: Any, path: Path) -> None:
-    """torch.save, with a failed write raised as the OSError it is.
-
-    Given a path, torch's C++ writer reports a full disk as RuntimeError("unexpected pos ...")
-    and drops the errno. Through a Python file object the OSError of the write surfaces, though
-    torch may still wrap it in a RuntimeError from closing its archive; it is unwrapped here.
-    """
-    with open(path, "wb") as handle:
-        try:
-            torch.save(obj, handle)
-        except RuntimeError as exc:
-            cause = exc.__cause__ or exc.__context__
-            while cause is not None and not isinstance(cause, OSError):
-                cause = cause.__cause__ or cause.__context__
-            if cause is None:
-                raise
-            raise OSError(cause.errno, cause.strerror or str(cause)) from exc
-
-
-def _read_latest(output_dir: Path) -> str | None:
-    """The checkpoint name the `latest` pointer holds, or None."""
-    try:
-        return (output_dir / LATEST_FILE).read_text().strip() or None
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def _rotate_checkpoints(output_dir: Path, save_total_limit: int, keep: Path) -> None:
-    """Delete the oldest checkpoints beyond `save_total_limit` (never `keep`)."""
-    checkpoints = [path for _, path in _checkpoint_dirs(output_dir) if path != keep]
-    for path in checkpoints[: max(0, len(checkpoints) + 1 - save_total_limit)]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def validate_checkpoint(path: str | os.PathLike, *, verify_hashes: bool = True) -> str | None:
-    """None if `path` is a complete checkpoint (its manifest matches every file), else the
-    reason it is not."""
-    path = Path(path)
-    manifest_path = path / MANIFEST_FILE
-    if not manifest_path.is_file():
-        return f"no {MANIFEST_FILE} (the save did not finish)"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"unreadable {MANIFEST_FILE}: {exc}"
-    for name, expected in files.items():
-        file_path = path / name
-        if not file_path.is_file():
-            return f"{name} is missing"
-        size = file_path.stat().st_size
-        if size != expected["size"]:
-            return f"{name} has {size} bytes, the manifest says {expected['size']}"
-        if verify_hashes and _sha256(file_path) != expected["sha256"]:
-            return f"{name} does not match its sha256 in the manifest"
-    return None
-
-
-def find_latest_checkpoint(output_dir: str | os.PathLike, *, verify_hashes: bool = True) -> Path | None:
-    """The newest complete checkpoint in `output_dir`, or None.
-
-    Candidates are the `checkpoint-{step}` directories, newest step first (hidden temporary
-    directories are never candidates). Each is validated against its manifest; an incomplete
-    or corrupt one is skipped with a warning and the previous one is tried. The `latest`
-    pointer is written for people and tools; the manifests decide.
-    """
-    for _, path in reversed(_checkpoint_dirs(Path(output_dir))):
-        problem = validate_checkpoint(path, verify_hashes=verify_hashes)
-        if problem is None:
-            return path
-        warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
-    return None
-
-
-def load_checkpoint(
-    path: str | os.PathLike,
-    model: torch.nn.Module | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any | None = None,
+def resume_training(
+    checkpoint: str | Path,
     *,
-    restore_rng: bool = True,
-    verify_hashes: bool = True,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    processes: Processes = SINGLE_PROCESS,
+    fsdp_vessel: Callable[[], torch.nn.Module] | None = None,
 ) -> dict[str, Any]:
-    """Restore a checkpoint written by `save_checkpoint` into the given objects.
-
-    The model must have the same trainable parameters (names and shapes) as the one saved;
-    the optimizer and scheduler must be built the same way (same parameter order). With
-    `restore_rng` every RNG is set back, so continuing gives bitwise the same run on CPU.
-
-    Returns the trainer state: {"step", "epoch", "data_state", "metadata", "time", "extra_state"}
-    (extra_state: what save_checkpoint was given, or None).
-    Raises ValueError for an incomplete or corrupt checkpoint or mismatched parameters, and
-    FileNotFoundError for a missing one.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    problem = validate_checkpoint(path, verify_hashes=verify_hashes)
-    if problem is not None:
-        raise ValueError(f"checkpoint {path} is incomplete or corrupt: {problem}")
-    state = json.loads((path / "trainer_state.json").read_text())
-
-    def load(name: str) -> Any:
-        return torch.load(path / name, map_location="cpu", weights_only=True)
-
-    if model is not None:
-        _load_model_state(model, load("model.pt"), path)
-    for obj, name in ((optimizer, "optimizer.pt"), (scheduler, "scheduler.pt")):
-        if obj is not None:
-            if not (path / name).is_file():
-                raise ValueError(f"checkpoint {path} has no {name}, but a {name[:-3]} was given to restore")
-            obj.load_state_dict(load(name))
-    if restore_rng:
-        set_rng_state(load("rng_state.pt"))
-    state["extra_state"] = load("extra_state.pt") if (path / "extra_state.pt").is_file() else None
+    """Load a checkpoint of `save_training_checkpoint` on every rank; returns its trainer state
+    (`checkpoint.load_checkpoint`'s). Refuses a checkpoint saved by another number of ranks
+    (the data order depends on it)."""
+    if fsdp_vessel is not None:  # read the full state into an unsharded copy, then shard it onto this rank
+        copy, held = fsdp_vessel(), FullStateHolder()
+        state = load_checkpoint(checkpoint, copy, held, scheduler)
+        load_full_state(model, optimizer, copy.state_dict(), held.state)
+    else:
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    saved_world = state["data_state"].get("world_size", 1)
+    if saved_world != processes.world_size:
+        raise ValueError(f"checkpoint {checkpoint} was saved by {saved_world} process(es), this run has "
+                         f"{processes.world_size}: resume with the same number of ranks (the data order depends on it)")
+    rank_states = (state.get("extra_state") or {}).get("rank_rng_states")
+    if rank_states:  # each rank continues its own random stream (dropout)
+        set_rng_state(rank_states[processes.rank])
     return state
-
-
-def _load_model_state(model: torch.nn.Module, saved: dict[str, torch.Tensor], path: Path) -> None:
-    expected = trainable_state_dict(model)
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path} does not fit this model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''} "
-            "(was it saved with another model or other LoRA settings?)"
-        )
-    for name, tensor in saved.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(
-                f"checkpoint {path} does not fit this model: {name} has shape {tuple(tensor.shape)} in the "
-                f"checkpoint and {tuple(expected[name].shape)} in the model"
-            )
-    model.load_state_dict(saved, strict=False)
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics
-# ----------------------------------------------------------------------------------------------
-
-
-def _to_number(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().float().item() if value.numel() == 1 else value.detach().float().tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every complete record of a metrics.jsonl file (a torn last line is skipped)."""
-    records = []
-    with open(path) as handle:
-        for line in handle:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-    return records
-
-
-class MetricsLogger:
-    """Append one JSON object per logging step to `output_dir/metrics.jsonl`.
-
-    Each record is {"step": int, "epoch": float | None, **metrics}, with TRL's metric names
-    (`loss`, `learning_rate`, `rewards/chosen`, `rewards/accuracies`, ...). Lines are flushed
-    as they are written, so a crash loses at most the line being written.
-
-    `resume_step`: None starts a fresh file (an existing one is replaced). An int keeps the
-    records with step <= resume_step and drops the rest (the steps the resumed run will log
-    again), plus any torn line. Only the main process writes.
-    """
-
-    def __init__(self, output_dir: str | os.PathLike, *, resume_step: int | None = None,
-                 filename: str = "metrics.jsonl") -> None:
-        self.path = Path(output_dir) / filename
-        self._handle = None
-        if not is_main_process():
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resume_step is not None and self.path.exists():
-            kept = [record for record in read_metrics(self.path) if record.get("step", 0) <= resume_step]
-        _remove_stale_temporaries(self.path.parent, rf"^\.{re.escape(self.path.name)}\.tmp-")  # a killed rewrite
-        try:
-            _write_text_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
-            self._handle = open(self.path, "a")  # noqa: SIM115 - kept open for the run, closed in close()
-        except OSError as exc:
-            raise OSError(exc.errno or errno.EIO, f"could not write metrics to {self.path}: {exc.strerror or exc}") from exc
-
-    def log(self, metrics: Mapping[str, Any], *, step: int, epoch: float | None = None) -> dict[str, Any]:
-        """Write one record; tensors and numpy scalars become numbers. Returns the record.
-
-        The line goes out in one write and is flushed at once: a process killed meanwhile leaves
-        at most that line torn, which `read_metrics` skips and a resumed logger drops.
-        """
-        record = {"step": step, "epoch": epoch, **{key: _to_number(value) for key, value in metrics.items()}}
-        if self._handle is not None:
-            try:
-                self._handle.write(json.dumps(record) + "\n")
-                self._handle.flush()
-            except OSError as exc:  # close now: a later flush of the stuck buffer would only fail again
-                handle, self._handle = self._handle, None
-                with contextlib.suppress(OSError):
-                    handle.close()
-                raise OSError(exc.errno or errno.EIO, f"could not write the metrics of step {step} to {self.path}: "
-                              f"{exc.strerror or exc}") from exc
-        return record
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-    def __enter__(self) -> MetricsLogger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def plot(self, png_path: str | os.PathLike, keys: Iterable[str] | None = None) -> Path | None:
-        """Plot each metric against step into one PNG (one panel per metric).
-
-        matplotlib is optional (`pip install matplotlib`, or the `bench` extra): without it a
-        warning is issued and None returned. `keys` defaults to `loss` and the `rewards/*`
-        metrics found.
-        """
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            warnings.warn("matplotlib is not installed; metrics not plotted (pip install matplotlib)", stacklevel=2)
-            return None
-        if self._handle is not None:
-            self._handle.flush()
-        records = read_metrics(self.path)
-        if keys is None:
-            seen = {key for record in records for key in record}
-            keys = [key for key in ("loss", "rewards/accuracies", "rewards/margins") if key in seen]
-        keys = list(keys)
-        if not keys:
-            raise ValueError(f"nothing to plot: none of the requested metrics is in {self.path}")
-        figure, axes = plt.subplots(len(keys), 1, figsize=(6, 2.5 * len(keys)), squeeze=False)
-        for axis, key in zip(axes[:, 0], keys, strict=True):
-            points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-            axis.plot([p[0] for p in points], [p[1] for p in points])
-            axis.set_ylabel(key)
-        axes[-1, 0].set_xlabel("step")
-        figure.tight_layout()
-        figure.savefig(png_path)
-        plt.close(figure)
-        return Path(png_path)
-
-
-# ----------------------------------------------------------------------------------------------
-# Progress and throughput
-# ----------------------------------------------------------------------------------------------
-
-
-class Progress:
-    """A tqdm bar over optimizer steps with the latest metrics in its postfix.
-
-        with Progress(total=num_steps, initial=resumed_step) as bar:
-            ...
-            bar.update(loss=loss.item(), acc=accuracy)
-
-    Hidden on every process but the main one (and when `disable`).
-    """
-
-    def __init__(self, total: int, *, initial: int = 0, desc: str = "train", disable: bool = False) -> None:
-        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
-                        disable=disable or not is_main_process())
-
-    def update(self, n: int = 1, **metrics: Any) -> None:
-        if metrics:
-            values = {key: _to_number(value) for key, value in metrics.items()}
-            shown = {key: f"{value:.4g}" if isinstance(value, float) else value for key, value in values.items()}
-            self.bar.set_postfix(shown, refresh=False)
-        self.bar.update(n)
-
-    def close(self) -> None:
-        self.bar.close()
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class Throughput:
-    """Tokens per second between resets: `add(n_tokens)` after each step, read `rate()`."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.tokens, self.start = 0, time.perf_counter()
-
-    def add(self, tokens: int | torch.Tensor) -> None:
-        self.tokens += int(tokens)
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def rate(self) -> float:
-        elapsed = self.elapsed()
-        return self.tokens / elapsed if elapsed > 0 else 0.0

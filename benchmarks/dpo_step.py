@@ -135,12 +135,15 @@ def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 def alignlib_step_fn(objective: str, model: torch.nn.Module, batch: dict, device: str, *, use_kernels: bool,
                      losses: list[float]) -> Callable[[], None]:
     """One optimizer step as alignlib.trainer.train does it (one micro-batch = the whole step)."""
+    from alignlib.configs import TrainConfig
+    from alignlib.fused_lora import enable_fused_lora
     from alignlib.models import ReferenceForward
-    from alignlib.trainer import TrainConfig, _maybe_fuse_lora, nll_weight, pairwise_terms
+    from alignlib.objectives import nll_weight, pairwise_terms
     from alignlib.training import make_optimizer
 
     cfg = TrainConfig(beta=BETA, learning_rate=LEARNING_RATE, use_kernels=use_kernels, bf16=device == "cuda")
-    _maybe_fuse_lora(model, cfg)
+    if use_kernels:  # as the trainer does: LoRA layers through the Triton matmul where it runs
+        enable_fused_lora(model)
     reference = ReferenceForward("adapter_disabled", model, disable_adapter=True) if objective == "dpo" else None
     optimizer = make_optimizer(model, cfg.optim, lr=cfg.learning_rate)
     trainable = _trainable(model)

@@ -71,7 +71,8 @@ def _build_trl_orpo_step(model, batch, device: str, output_dir: str, size: StepS
 
 def _alignlib_odds_ratio_part(size: StepSize, batch: dict, device: str) -> float:
     """alignlib's first-step loss minus its NLL, from the fresh weights (no optimizer step)."""
-    from alignlib.trainer import TrainConfig, pairwise_terms
+    from alignlib.configs import TrainConfig
+    from alignlib.objectives import pairwise_terms
 
     model = make_policy(size, device)
     model.train()

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import RowOps, chunked_linear_token_logprobs, token_logprobs_torch
+from .reference import IGNORE_INDEX, RowOps, check_labels, chunked_linear_token_logprobs, token_logprobs_torch
 
 # Widest block of the vocabulary one program loads at a time.
 MAX_BLOCK_V = 4096
@@ -127,7 +127,7 @@ class TritonRowOps:
         logp = torch.empty(rows, dtype=torch.float32, device=logits.device)
         lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
         if rows:
-            _token_logprobs_fwd[(rows,)](logits, labels, logp, lse, logits.stride(0), vocab, -100, BLOCK_V=_block_size(vocab))
+            _token_logprobs_fwd[(rows,)](logits, labels, logp, lse, logits.stride(0), vocab, IGNORE_INDEX, BLOCK_V=_block_size(vocab))
         return logp, lse
 
     @staticmethod
@@ -136,7 +136,7 @@ class TritonRowOps:
         if rows:
             _token_logprobs_bwd[(rows,)](
                 g.contiguous(), logits, labels, lse, logits,
-                logits.stride(0), logits.stride(0), vocab, -100, BLOCK_V=_block_size(vocab),
+                logits.stride(0), logits.stride(0), vocab, IGNORE_INDEX, BLOCK_V=_block_size(vocab),
             )
 
 
@@ -145,12 +145,15 @@ def triton_available_for(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda or (tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, *,
+                   labels_checked: bool = False) -> torch.Tensor:
     """log softmax(logits)[labels] through the Triton kernel; 0 where labels == ignore_index.
 
     Args:
         logits: (..., V) fp32, bf16 or fp16 (float64 goes to the torch reference).
         labels: (...) integer ids in [0, V) or ignore_index. No shift.
+        labels_checked: True skips the label range check (for a caller that has run
+            `reference.check_labels`; it costs a device sync).
     Returns:
         (...) float32 log-probs, differentiable with respect to logits.
     Raises:
@@ -160,9 +163,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     if logits.dim() < 1 or logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits (..., V) and labels (...) disagree: {tuple(logits.shape)} vs {tuple(labels.shape)}")
     vocab = logits.shape[-1]
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):
-        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; got {labels[bad][:4].tolist()}")
+    if not labels_checked:
+        check_labels(labels, vocab, ignore_index, vocab_from="logits.shape[-1]")
     if logits.dtype == torch.float64:
         return token_logprobs_torch(logits, labels, ignore_index)
     if not triton_available_for(logits):
@@ -183,8 +185,9 @@ def linear_token_logprobs(
     lm_head_weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None,
+    labels_checked: bool = False,
 ) -> torch.Tensor:
     """log softmax(hidden @ lm_head_weight^T)[labels], chunked over tokens, through the Triton kernels.
 
@@ -197,6 +200,7 @@ def linear_token_logprobs(
         lm_head_weight: (V, H), same dtype. If it does not require grad (frozen, as with LoRA),
             the forward pass also computes d logp / d hidden and backward is a multiply.
         labels: (...) ids in [0, V) or ignore_index. No shift.
+        labels_checked: True skips the label range check (see token_logprobs).
     Returns:
         (...) float32 log-probs, differentiable with respect to hidden and lm_head_weight (the
         weight gradient accumulated in float32 across chunks, returned in the weight's dtype).
@@ -211,4 +215,5 @@ def linear_token_logprobs(
         )
     else:
         row_ops = TritonRowOps
-    return chunked_linear_token_logprobs(hidden, lm_head_weight, labels, ignore_index, chunk_size, row_ops)
+    return chunked_linear_token_logprobs(hidden, lm_head_weight, labels, ignore_index, chunk_size, row_ops,
+                                         labels_checked=labels_checked)

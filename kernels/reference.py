@@ -8,8 +8,38 @@ from __future__ import annotations
 
 import torch
 
+IGNORE_INDEX = -100
+"""The label of a position left out of the log-probs (prompt, padding), as Hugging Face models use it."""
 
-def token_logprobs_torch(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+
+def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int = IGNORE_INDEX, *,
+                 vocab_from: str = "the vocabulary size", shift: int = 0) -> None:
+    """Raise a ValueError if a label other than ignore_index lies outside [0, vocab_size).
+
+    The message names the first such id, its position and V. The test is one elementwise
+    pass and one reduction; `bool()` of it waits for the device once (one CUDA sync), the
+    price of a clear error instead of an out-of-bounds read in a kernel. Every public entry
+    point runs it once (a caller that has already checked passes `labels_checked=True` to the
+    kernels). Positions are reported in the caller's coordinates: `shift` is added to the last
+    index (sequence_logprobs checks labels[:, 1:] and reports the column in labels).
+    `vocab_from` says where V came from, for the message.
+    """
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if not bool(bad.any()):
+        return
+    where = bad.nonzero()
+    position = where[0].tolist()
+    value = labels[tuple(position)].item()
+    if position:
+        position[-1] += shift
+    raise ValueError(
+        f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; got {value} at position "
+        f"{tuple(position)} ({where.shape[0]} such label{'s' if where.shape[0] > 1 else ''}); V = {vocab_size} "
+        f"is {vocab_from}: do the tokenizer and the model agree?"
+    )
+
+
+def token_logprobs_torch(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """The torch reference of the same math: x_y - logsumexp(x), 0 on ignored positions.
 
     Computes in float32 (float64 for float64 logits), upcasting a block of rows at a time.
@@ -76,7 +106,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return grad.reshape(logits.shape), None, None
 
 
-def token_logprobs_lean(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def token_logprobs_lean(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """token_logprobs_torch's values and gradients, with backward's memory held to one (N, V) buffer."""
     return TokenLogprobsFunction.apply(logits, labels, ignore_index)
 
@@ -200,17 +230,21 @@ def linear_token_logprobs_torch(
     lm_head_weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: int | None = None,
+    labels_checked: bool = False,
 ) -> torch.Tensor:
     """log softmax(hidden @ W^T)[labels] in chunks of tokens, in torch: 0 where labels == ignore_index.
 
     hidden (..., H), lm_head_weight (V, H), labels (...) -> (...) float32 (float64 for float64 inputs).
+    labels_checked=True skips the label range check (for a caller that has run `check_labels`).
     """
-    return chunked_linear_token_logprobs(hidden, lm_head_weight, labels, ignore_index, chunk_size, RowOps)
+    return chunked_linear_token_logprobs(hidden, lm_head_weight, labels, ignore_index, chunk_size, RowOps,
+                                         labels_checked=labels_checked)
 
 
-def chunked_linear_token_logprobs(hidden, lm_head_weight, labels, ignore_index, chunk_size, row_ops):
+def chunked_linear_token_logprobs(hidden, lm_head_weight, labels, ignore_index, chunk_size, row_ops, *,
+                                  labels_checked: bool = False):
     """Shared entry point: checks, drops ignored tokens, runs LinearTokenLogprobs, scatters back."""
     if hidden.dim() < 1 or lm_head_weight.dim() != 2 or hidden.shape[-1] != lm_head_weight.shape[1]:
         raise ValueError(
@@ -225,10 +259,9 @@ def chunked_linear_token_logprobs(hidden, lm_head_weight, labels, ignore_index, 
     vocab, hidden_size = lm_head_weight.shape
     flat_hidden = hidden.reshape(-1, hidden_size)
     flat_labels = labels.reshape(-1)
+    if not labels_checked:
+        check_labels(labels, vocab, ignore_index, vocab_from="lm_head_weight.shape[0]")
     valid = flat_labels != ignore_index
-    bad = valid & ((flat_labels < 0) | (flat_labels >= vocab))
-    if bool(bad.any()):
-        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; got {flat_labels[bad][:4].tolist()}")
     keep = valid.nonzero().squeeze(-1)  # prompt and padding tokens never reach the lm_head
     chunk = chunk_size or default_chunk_size(keep.numel(), hidden_size, vocab)
     kept_logp = LinearTokenLogprobs.apply(flat_hidden[keep], lm_head_weight, flat_labels[keep], chunk, row_ops)

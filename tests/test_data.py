@@ -564,7 +564,7 @@ def test_drop_and_identical_counts():
 
 
 def test_results_are_cached_and_the_cache_follows_the_code(tmp_path, monkeypatch):
-    import alignlib.data
+    import alignlib.data.tokenize
 
     tokenizer = tiny_tokenizer()
     pairs = load_preference_dataset(write_source(CASES["standard"][0], "jsonl", tmp_path))
@@ -572,7 +572,7 @@ def test_results_are_cached_and_the_cache_follows_the_code(tmp_path, monkeypatch
     again, _ = tokenize_preference_dataset(pairs, tokenizer, max_length=16)
     assert first.cache_files and again.cache_files == first.cache_files  # read back from datasets' cache
     # datasets hashes a module's function by its name only; the file's hash in the arguments keys the cache
-    monkeypatch.setattr(alignlib.data, "_CODE_VERSION", "a-changed-alignlib")
+    monkeypatch.setattr(alignlib.data.tokenize, "_CODE_VERSION", "a-changed-alignlib")
     changed, _ = tokenize_preference_dataset(pairs, tokenizer, max_length=16)
     assert changed.cache_files != first.cache_files
     assert changed["chosen_input_ids"] == first["chosen_input_ids"]
@@ -659,7 +659,8 @@ def test_collator_for_a_reward_model_has_no_labels_and_gives_the_last_token():
 
 def test_where_a_sequence_classifier_reads_its_score():
     """The documented pad-id caveat, checked on a real (tiny) LlamaForSequenceClassification."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from helpers.tiny_llama import tiny_llama
+    from transformers import LlamaForSequenceClassification
 
     tokenizer = tiny_tokenizer()
     pairs = Dataset.from_list(
@@ -671,17 +672,18 @@ def test_where_a_sequence_classifier_reads_its_score():
     tokenized, _ = tokenize_preference_dataset(pairs, tokenizer, max_length=None)
     torch.manual_seed(0)
     for pad_id, offset in ((PAD, 0), (EOS, 1)):  # pad == EOS: the score sits one token before the final EOS
-        config = LlamaConfig(
+        model = tiny_llama(
+            model_class=LlamaForSequenceClassification,
+            seed=None,  # seeded once above, for both models
+            hidden=16,
             vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
             num_hidden_layers=1,
             num_attention_heads=2,
             num_key_value_heads=2,
+            max_position_embeddings=2048,
             num_labels=1,
             pad_token_id=pad_id,
-        )
-        model = LlamaForSequenceClassification(config).eval()
+        ).eval()
         batch = PreferenceCollator(pad_id, for_reward_model=True)(list(tokenized))
         with torch.no_grad():
             pooled = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]

@@ -23,9 +23,9 @@ from helpers.tiny_llama import save_tiny_llama, write_pairs
 from safetensors.torch import load_file
 
 from alignlib import demo
+from alignlib.metrics import read_metrics
 from alignlib.models import ModelConfig
 from alignlib.trainer import TrainConfig, train
-from alignlib.training import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,9 +11,9 @@ import os
 import bitsandbytes as bnb
 import pytest
 import torch
+from helpers.tiny_llama import tiny_llama
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import alignlib.fused_lora as fused_module
 from alignlib.fused_lora import disable_fused_lora, enable_fused_lora, fused_lora
@@ -27,16 +27,13 @@ ALL_LINEAR_PER_LAYER = 7  # q, k, v, o, gate, up, down
 
 
 def tiny_peft_llama(target_modules="all-linear", lora_dropout=0.0, seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-    )
+    model = tiny_llama(seed=seed, dtype=dtype, vocab_size=64, intermediate_size=48, max_position_embeddings=32,
+                       pad_token_id=None)
     lora = LoraConfig(
         r=4, lora_alpha=8, target_modules=target_modules, lora_dropout=lora_dropout,
         init_lora_weights=False,  # lora_B random, not zero: the LoRA branch changes the output
     )
-    return get_peft_model(LlamaForCausalLM(config).to(DEVICE, dtype), lora)
+    return get_peft_model(model.to(DEVICE), lora)
 
 
 @pytest.fixture

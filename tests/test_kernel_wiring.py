@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers.tiny_llama import save_tiny_llama
 
 import alignlib.fused_lora as fused_module
 from alignlib import demo
@@ -22,7 +22,8 @@ from alignlib.data import (
     tokenize_preference_dataset,
 )
 from alignlib.models import ModelConfig, load_causal_lm, make_reference
-from alignlib.trainer import TrainConfig, pairwise_terms, train
+from alignlib.objectives import pairwise_terms
+from alignlib.trainer import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
@@ -35,12 +36,8 @@ def tiny_setup(tmp_path_factory):
     """A tiny Llama over the demo's tokenizer, and 8 demo pairs."""
     root = tmp_path_factory.mktemp("wiring")
     tokenizer = demo.load_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_llama(root / "model", tokenizer=tokenizer, vocab_size=len(tokenizer), intermediate_size=48,
+                    max_position_embeddings=64)
     data = root / "pairs.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in demo.read_pairs()[:8]))
     return root, tokenizer, data

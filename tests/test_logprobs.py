@@ -1,5 +1,7 @@
 """alignlib.logprobs: the torch reference for per-token and per-sequence log-probs."""
 
+import os
+
 import pytest
 import torch
 from hypothesis import given
@@ -78,3 +80,31 @@ def test_errors():
         token_logprobs(torch.randn(2, 5), torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="expected logits \\(B, T, V\\)"):
         sequence_logprobs(torch.randn(3, 5), torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton path needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("entry", ["token_logprobs", "sequence_logprobs", "linear_token_logprobs",
+                                   "sequence_logprobs_from_hidden"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_labels_are_range_checked_once_per_call(entry, backend, monkeypatch):
+    """A label check is a bool() of a tensor, a device sync on a GPU: the public function checks
+    once, and the kernel under it does not check again."""
+    from alignlib import logprobs
+
+    logits, hidden, weight = torch.randn(2, 4, 8), torch.randn(2, 4, 3), torch.randn(8, 3)
+    labels = torch.tensor([[-100, 1, 2, 3], [-100, -100, 7, 0]])
+    call = {
+        "token_logprobs": lambda: logprobs.token_logprobs(logits, labels, backend=backend),
+        "sequence_logprobs": lambda: logprobs.sequence_logprobs(logits, labels, backend=backend),
+        "linear_token_logprobs": lambda: logprobs.linear_token_logprobs(hidden, weight, labels, backend=backend),
+        "sequence_logprobs_from_hidden": lambda: logprobs.sequence_logprobs_from_hidden(hidden, weight, labels,
+                                                                                         backend=backend),
+    }[entry]
+    syncs = []
+    real_bool = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: syncs.append(self.shape) or real_bool(self))
+    out = call()
+    monkeypatch.undo()
+    assert torch.isfinite(out).all()
+    assert len(syncs) == 1, f"{len(syncs)} bool() syncs: {syncs}"

@@ -11,14 +11,13 @@ import sys
 import peft
 import pytest
 import torch
+from helpers.tiny_llama import save_tiny_llama
 from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
-from torch.utils.data import DataLoader
 from transformers import (
     AutoModelForCausalLM,
     BitsAndBytesConfig,
     HfArgumentParser,
-    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
@@ -26,24 +25,14 @@ from transformers import (
 from alignlib.models import (
     ModelConfig,
     load_causal_lm,
-    load_for_generation,
     load_reward_model,
     load_tokenizer,
     make_reference,
-    precompute_per_example,
-    save_model,
 )
+from alignlib.saved_models import load_for_generation, save_model
 from alignlib.training import make_optimizer
 
 VOCAB = 64
-
-
-def tiny_llama_config(hidden: int = 32, **overrides) -> LlamaConfig:
-    settings = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=1,
-                    eos_token_id=2, pad_token_id=None)
-    settings.update(overrides)
-    return LlamaConfig(**settings)
 
 
 def word_level_tokenizer(with_pad: bool = False, with_eos: bool = True) -> PreTrainedTokenizerFast:
@@ -59,10 +48,8 @@ def word_level_tokenizer(with_pad: bool = False, with_eos: bool = True) -> PreTr
 
 
 def save_tiny_model(path, hidden: int = 32, seed: int = 0) -> str:
-    torch.manual_seed(seed)
-    LlamaForCausalLM(tiny_llama_config(hidden)).save_pretrained(path)
-    word_level_tokenizer().save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(path, hidden=hidden, seed=seed, tokenizer=word_level_tokenizer(), vocab_size=VOCAB,
+                           max_position_embeddings=64, pad_token_id=None)
 
 
 @pytest.fixture(scope="module")
@@ -345,20 +332,18 @@ def test_model_reference_equals_a_separately_loaded_base(base_dir, wide_base_dir
     assert other.model.config.hidden_size == 48
 
 
-def test_precomputed_reference_over_a_shuffled_loader(base_dir):
+def test_precomputed_reference_is_the_policy_before_training(base_dir):
     policy = load_causal_lm(ModelConfig(model_name_or_path=base_dir))  # full fine-tuning
     reference = make_reference("precomputed", policy)
     assert reference.precompute_only
     ids = input_batch(seed=5, batch=6, length=5)
-    dataset = [{"input_ids": ids[i], "index": i} for i in range(6)]
-    loader = DataLoader(dataset, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
 
-    def sequence_logps(batch):
-        logits = reference(batch["input_ids"], torch.ones_like(batch["input_ids"]))
-        logps = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    def sequence_logps(batch_ids):
+        logits = reference(batch_ids, torch.ones_like(batch_ids))
+        logps = logits[:, :-1].log_softmax(-1).gather(-1, batch_ids[:, 1:, None]).squeeze(-1)
         return logps.sum(-1)
 
-    stored = precompute_per_example(sequence_logps, loader)
+    stored = torch.cat([sequence_logps(ids[:4]), sequence_logps(ids[4:])])  # as the trainer precomputes: in batches
     base = LlamaForCausalLM.from_pretrained(base_dir).eval()
     direct = logits_of(base, ids)[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1).sum(-1)
     assert stored.shape == (6,)
@@ -377,20 +362,9 @@ def test_precomputed_reference_of_a_lora_policy_is_the_base(base_dir):
     perturb_adapter(policy)
     reference = make_reference("precomputed", policy)
     ids = input_batch(seed=6, batch=3)
-    loader = DataLoader([{"input_ids": row} for row in ids], batch_size=2)  # in order, no index
-    stored = precompute_per_example(lambda batch: reference(batch["input_ids"])[:, -1, :], loader)
+    stored = torch.cat([reference(ids[:2])[:, -1, :], reference(ids[2:])[:, -1, :]])
     base = LlamaForCausalLM.from_pretrained(base_dir).eval()
     torch.testing.assert_close(stored, logits_of(base, ids)[:, -1, :], rtol=0, atol=1e-6)
-
-
-def test_precompute_errors():
-    dataset = [{"x": torch.tensor(float(i))} for i in range(5)]
-    shuffled = DataLoader(dataset, batch_size=2, shuffle=True)
-    with pytest.raises(ValueError, match="carry no 'index'"):
-        precompute_per_example(lambda b: b["x"], shuffled)
-    dropping = DataLoader(dataset, batch_size=2, drop_last=True)
-    with pytest.raises(ValueError, match="did not yield every example"):
-        precompute_per_example(lambda b: b["x"], dropping)
 
 
 def test_reference_errors(base_dir):

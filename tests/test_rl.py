@@ -20,23 +20,21 @@ import pytest
 import torch
 from helpers.ppo_golden import CLASSIC, CLASSIC_INPUTS
 
-from alignlib import rl
-from alignlib.demo import HELDOUT_FILE, TRAIN_FILE, prepare_base_model
-from alignlib.losses import whiten
-from alignlib.models import ModelConfig
-from alignlib.rl import (
-    PPOConfig,
-    call_reward_function,
-    compute_targets,
-    demo_config,
+from alignlib import demo
+from alignlib.demo import (
+    HELDOUT_FILE,
+    TRAIN_FILE,
     demo_reward,
-    embedded_default,
-    entropy_from_logits,
-    load_reward_function,
-    ppo_minibatch_loss,
-    train_ppo,
+    ppo_embedded_default,
+    prepare_base_model,
 )
-from alignlib.training import read_metrics
+from alignlib.demo import ppo_demo_config as demo_config
+from alignlib.losses import whiten
+from alignlib.metrics import read_metrics
+from alignlib.models import ModelConfig
+from alignlib.rewards import RewardModelScorer, call_reward_function, load_reward_function
+from alignlib.rl import PPOConfig, compute_targets, ppo_minibatch_loss, train_ppo
+from alignlib.rollout import entropy_from_logits
 
 TRL_STEP_METRICS = (
     "objective/kl", "objective/kl_coef", "objective/entropy", "env/reward_mean", "env/reward_std",
@@ -57,7 +55,7 @@ def base_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo_prompts():
-    return rl._demo_prompts(TRAIN_FILE), rl._demo_prompts(HELDOUT_FILE)
+    return demo.demo_prompts(TRAIN_FILE), demo.demo_prompts(HELDOUT_FILE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,14 +139,14 @@ def test_reward_function_accepts_lists_arrays_and_tensors():
 
 
 def test_reward_spec_loading(tmp_path):
-    assert load_reward_function("alignlib.rl:demo_reward") is demo_reward
+    assert load_reward_function("alignlib.demo:demo_reward") is demo_reward
     path = tmp_path / "my_reward.py"
     path.write_text("def length(prompts, responses):\n    return [len(r) for r in responses]\n")
     assert load_reward_function(f"{path}:length")(["p"], ["abc"]) == [3]
     with pytest.raises(ValueError, match="module:function"):
-        load_reward_function("alignlib.rl.demo_reward")
+        load_reward_function("alignlib.demo.demo_reward")
     with pytest.raises(ValueError, match="no callable 'nope'"):
-        load_reward_function("alignlib.rl:nope")
+        load_reward_function("alignlib.demo:nope")
     with pytest.raises(FileNotFoundError, match="missing.py"):
         load_reward_function(f"{tmp_path}/missing.py:fn")
 
@@ -223,8 +221,57 @@ def test_kl_penalty_keeps_the_policy_near_the_reference(base_model, tmp_path, de
                            prompts=train, eval_prompts=heldout)
         kls[kl_coef] = result["eval/kl_after"]
     print(f"KL to the reference after 8 steps: kl_coef 0 -> {kls[0.0]:.3f}, kl_coef 2 -> {kls[2.0]:.3f}")
-    assert kls[2.0] < 0.5
-    assert kls[0.0] > 5 * kls[2.0]
+    # Measured spread (this scenario, pinned constraints.txt, CPU): 16 runs, base-model seed 0 with run
+    # seeds 0-9, and base seed = run seed 1-6. kl_coef 2: 0.119-0.377 (seed 0: 0.350); kl_coef 0:
+    # 2.69-10.9; their ratio 8.6-75. Newer dependencies once gave 0.573 at kl_coef 2. The bounds sit
+    # between the two populations: 1.0 is 1.75x the worst penalised KL seen and 2.7x below the
+    # smallest unpenalised one; a ratio of 3 is 2.9x below the smallest measured. A penalty that does
+    # nothing (the kl_coef 0 run's KL, ratio ~1) fails both.
+    assert kls[2.0] < 1.0
+    assert kls[0.0] > 3 * kls[2.0]
+
+
+def _nan_logits_on_update_forwards(model_config, monkeypatch, bad_forwards):
+    """Make the policy's lm_head emit NaN on the minibatch forwards (the ones with grad) numbered in
+    bad_forwards (1-based); rollouts and the evaluation run without grad and stay clean."""
+    import alignlib.rl
+
+    real_load = alignlib.rl.load_causal_lm
+    calls = {"update": 0}
+
+    def load_causal_lm(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+
+        def hook(module, inputs, output):
+            if not torch.is_grad_enabled():
+                return output
+            calls["update"] += 1
+            return output + math.nan if calls["update"] in bad_forwards else output
+
+        model.get_output_embeddings().register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(alignlib.rl, "load_causal_lm", load_causal_lm)
+
+
+def test_nonfinite_minibatch_stops_or_is_skipped_as_in_the_offline_trainer(base_model, tmp_path, demo_prompts,
+                                                                            monkeypatch):
+    """on_nonfinite means the same in PPO as in alignlib.trainer: stop before the weights are touched,
+    or drop that update (logged) and go on."""
+    model_config = ModelConfig(model_name_or_path=base_model)
+    _nan_logits_on_update_forwards(model_config, monkeypatch, bad_forwards={2})
+    with pytest.raises(FloatingPointError, match=r"PPO step 2, epoch 1, minibatch 1: the loss is nan"):
+        train_ppo(_tiny_config(tmp_path / "stop", max_steps=3), model_config, reward_fn=demo_reward,
+                  prompts=demo_prompts[0])
+
+    _nan_logits_on_update_forwards(model_config, monkeypatch, bad_forwards={2})
+    result = train_ppo(_tiny_config(tmp_path / "skip", max_steps=3, on_nonfinite="skip"), model_config,
+                       reward_fn=demo_reward, prompts=demo_prompts[0])
+    records = read_metrics(tmp_path / "skip" / "out" / "metrics.jsonl")
+    assert {"step": 2, "epoch": None, "skipped_nonfinite_step": 2} in records
+    by_step = {r["step"]: r for r in records if "ppo/minibatch_updates" in r}
+    assert by_step[2]["ppo/minibatch_updates"] == 0 and by_step[3]["ppo/minibatch_updates"] == 1
+    assert math.isfinite(result["ppo/loss/policy"])
 
 
 class SimulatedCrash(Exception):
@@ -285,14 +332,14 @@ def test_embedded_default_fills_only_unset_fields(base_model, tmp_path, monkeypa
     import alignlib.demo
 
     monkeypatch.setattr(alignlib.demo, "prepare_base_model", lambda path: base_model)
-    config, model_config = embedded_default(PPOConfig(output_dir=str(tmp_path), learning_rate=3e-4), ModelConfig())
+    config, model_config = ppo_embedded_default(PPOConfig(output_dir=str(tmp_path), learning_rate=3e-4), ModelConfig())
     assert model_config.model_name_or_path == base_model and not model_config.use_peft
     assert config.learning_rate == 3e-4  # set by the user: kept
-    assert config.max_steps == rl.DEMO_OVERRIDES["max_steps"] != PPOConfig.max_steps
-    config, model_config = embedded_default(PPOConfig(output_dir=str(tmp_path)), ModelConfig(use_peft=True))
-    assert model_config.use_peft and config.learning_rate == rl.DEMO_LORA_LEARNING_RATE
+    assert config.max_steps == demo.PPO_SETTINGS["max_steps"] != PPOConfig.max_steps
+    config, model_config = ppo_embedded_default(PPOConfig(output_dir=str(tmp_path)), ModelConfig(use_peft=True))
+    assert model_config.use_peft and config.learning_rate == demo.PPO_LORA_LEARNING_RATE
     kept = demo_config(output_dir=str(tmp_path), init_kl_coef=PPOConfig.init_kl_coef)
-    assert embedded_default(kept, ModelConfig())[0] == kept
+    assert ppo_embedded_default(kept, ModelConfig())[0] == kept
 
 
 def test_train_ppo_without_a_model_runs_the_embedded_default(base_model, tmp_path, monkeypatch):
@@ -316,7 +363,7 @@ def test_reward_model_scores_each_response_at_its_last_token(base_model, tmp_pat
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "rm")
     load_tokenizer(base_model).save_pretrained(tmp_path / "rm")
-    scorer = rl.RewardModelScorer(str(tmp_path / "rm"), torch.device("cpu"))
+    scorer = RewardModelScorer(str(tmp_path / "rm"), torch.device("cpu"))
     prompts = ["how do i fix a door ?", "can you tell me how to wash the car ?"]
     responses = [" no .", " first , wash the car slowly . hope this helps !"]
     batched = scorer(prompts, responses, torch.tensor([True, False]))
@@ -334,8 +381,8 @@ def test_config_round_trips_through_hf_argument_parser():
 
     parser = HfArgumentParser((PPOConfig, ModelConfig))
     config, model_config = parser.parse_args_into_dataclasses(
-        ["--reward", "alignlib.rl:demo_reward", "--init_kl_coef", "0.05", "--kl_estimator", "k3",
+        ["--reward", "alignlib.demo:demo_reward", "--init_kl_coef", "0.05", "--kl_estimator", "k3",
          "--target_kl", "0.1", "--missing_eos_penalty", "1.0", "--use_peft", "true"])
-    assert config.reward == "alignlib.rl:demo_reward" and config.init_kl_coef == 0.05
+    assert config.reward == "alignlib.demo:demo_reward" and config.init_kl_coef == 0.05
     assert config.kl_estimator == "k3" and config.target_kl == 0.1 and model_config.use_peft
     assert json.loads(json.dumps(dataclasses.asdict(config)))["kl_estimator"] == "k3"

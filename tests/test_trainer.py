@@ -22,23 +22,17 @@ from helpers.tiny_llama import save_tiny_llama, write_pairs
 import alignlib.trainer as trainer_module
 from alignlib import demo
 from alignlib.data import PreferenceCollator, pad_token_id_for
+from alignlib.metrics import read_metrics
 from alignlib.models import (
     ModelConfig,
     load_causal_lm,
-    load_for_generation,
     load_reward_model,
     make_reference,
 )
-from alignlib.trainer import (
-    Schedule,
-    TrainConfig,
-    collate,
-    load_pairs,
-    nll_weight,
-    pairwise_terms,
-    train,
-)
-from alignlib.training import read_metrics, set_seed
+from alignlib.objectives import nll_weight, pairwise_terms
+from alignlib.saved_models import load_for_generation
+from alignlib.trainer import TrainConfig, collate, load_pairs, train
+from alignlib.training import Schedule, set_seed
 
 TRL_TRAIN_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                      "logps/chosen", "logps/rejected", "learning_rate", "grad_norm", "epoch", "step")

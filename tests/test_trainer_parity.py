@@ -38,8 +38,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from helpers.tiny_llama import tiny_llama
 from helpers.tiny_tokenizer import tiny_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from transformers import LlamaForSequenceClassification
 from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -52,7 +53,8 @@ from alignlib.data import (
 )
 from alignlib.losses import DPO_LOSS_TYPES
 from alignlib.models import ReferenceForward
-from alignlib.trainer import TrainConfig, nll_weight, pairwise_terms
+from alignlib.objectives import nll_weight, pairwise_terms
+from alignlib.trainer import TrainConfig
 
 # Prompts end on a token boundary and responses start with a space, so prompt and response
 # tokenize apart (no merge across the boundary) in both libraries.
@@ -79,11 +81,11 @@ DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewa
 # ----------------------------------------------------------------------------------------------
 
 
-def _config(tokenizer) -> LlamaConfig:
-    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+def _tiny_llama(tokenizer, **overrides) -> torch.nn.Module:
+    """A float64 tiny Llama over `tokenizer`, seeded with 0 (helpers.tiny_llama)."""
+    return tiny_llama(hidden=16, dtype=DTYPE, vocab_size=len(tokenizer), num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **overrides)
 
 
 def _perturbed(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
@@ -109,17 +111,13 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def causal_models(tokenizer) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(reference, policy): float64 tiny Llamas, the policy a seeded perturbation of the reference."""
-    torch.manual_seed(0)
-    reference = LlamaForCausalLM(_config(tokenizer)).to(DTYPE).eval()
+    reference = _tiny_llama(tokenizer).eval()
     return reference, _perturbed(reference, seed=1)
 
 
 @pytest.fixture(scope="module")
 def reward_model(tokenizer) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = _config(tokenizer)
-    config.num_labels = 1
-    model = LlamaForSequenceClassification(config).to(DTYPE)
+    model = _tiny_llama(tokenizer, model_class=LlamaForSequenceClassification, num_labels=1)
     return _perturbed(model, seed=2, scale=0.2)  # the score head starts near 0; make the scores spread
 
 

@@ -1,36 +1,22 @@
-"""alignlib.training: optimizers, schedules, atomic checkpoints and bitwise resume, metrics."""
+"""alignlib.training: optimizers, schedules, the example order, resume and the non-finite policy."""
 
-import errno
-import json
-import os
-import random
-import signal
-import subprocess
-import sys
-import tempfile
-import textwrap
+import math
 import warnings
 
-import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from alignlib.models import ModelConfig, load_causal_lm
+from alignlib.checkpoint import save_checkpoint
+from alignlib.distributed import Processes
 from alignlib.training import (
-    MetricsLogger,
-    Progress,
+    MAX_SKIPPED_IN_A_ROW,
+    NonFiniteGuard,
+    Schedule,
     SeededSampler,
-    Throughput,
-    find_latest_checkpoint,
-    is_main_process,
-    load_checkpoint,
+    checkpoint_to_resume,
     make_optimizer,
     make_scheduler,
-    read_metrics,
-    save_checkpoint,
-    set_seed,
-    validate_checkpoint,
+    rank_batches,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -155,316 +141,59 @@ def test_seeded_sampler_order_depends_only_on_seed_and_epoch():
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: bitwise resume
+# The step schedule, the non-finite policy, resume
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def dropout_llama_dir(tmp_path_factory):
-    """A tiny Llama whose attention has dropout, so a training step draws from torch's RNG."""
-    path = tmp_path_factory.mktemp("llama")
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=32, attention_dropout=0.2,
-                         attn_implementation="eager")
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return str(path)
+def test_rank_batches_give_every_rank_the_same_number_of_batches():
+    two_ranks = [Processes(rank=r, world_size=2) for r in (0, 1)]
+    # 5 examples over 2 ranks in batches of 2: rank 0 takes 0, 2, 4; rank 1 takes 1, 3 and pads with an empty batch
+    assert rank_batches([10, 11, 12, 13, 14], 2, two_ranks[0]) == [[10, 12], [14]]
+    assert rank_batches([10, 11, 12, 13, 14], 2, two_ranks[1]) == [[11, 13], []]
+    assert rank_batches([10, 11, 12], 2) == [[10, 11], [12]]  # one process: plain batches
 
 
-DATA = torch.randint(0, 64, (8, 6), generator=torch.Generator().manual_seed(42))
-BATCH = 2
-BATCHES_PER_EPOCH = len(DATA) // BATCH
+def test_schedule_depends_only_on_seed_and_step():
+    schedule = Schedule(num_examples=7, pairs_per_step=3, micro_batch=2, seed=5)
+    assert schedule.steps_per_epoch == 3
+    first_epoch = [i for step in range(3) for i in schedule.step_indices(step)]
+    assert sorted(first_epoch) == list(range(7))  # each example once per epoch; the last step is short
+    assert len(schedule.step_indices(2)) == 1
+    assert schedule.step_indices(4) == Schedule(7, 3, 2, seed=5).step_indices(4)
+    assert sorted(schedule.step_indices(3) + schedule.step_indices(4) + schedule.step_indices(5)) == list(range(7))
+    assert schedule.micro_batches(0) == [schedule.step_indices(0)[:2], schedule.step_indices(0)[2:]]
 
 
-def build(model_dir, use_peft):
-    """Model, optimizer and scheduler, built the same way for the first run and for the resume."""
-    set_seed(1)  # LoRA initialisation draws from torch's RNG
-    cfg = ModelConfig(model_name_or_path=model_dir, use_peft=use_peft,
-                      **({"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1} if use_peft else {}))
-    model = load_causal_lm(cfg)
-    model.train()
-    optimizer = make_optimizer(model, "adamw_torch", lr=1e-2, weight_decay=0.01)
-    scheduler = make_scheduler(optimizer, "linear", num_training_steps=6, num_warmup_steps=2)
-    return model, optimizer, scheduler
+def test_nonfinite_guard_stops_or_skips(capsys):
+    logged = []
+    stop = NonFiniteGuard("stop", lambda record, step: logged.append((step, record)))
+    assert stop.allows(1, 0.7, 1.0)
+    with pytest.raises(FloatingPointError, match=r"step 2: the loss is nan and the gradient norm 1.0; stopping"):
+        stop.allows(2, math.nan, 1.0)
+
+    skip = NonFiniteGuard("skip", lambda record, step: logged.append((step, record)))
+    assert not skip.allows(3, 0.7, math.inf)
+    assert logged == [(3, {"skipped_nonfinite_step": 3})]
+    assert "step 3: the loss is 0.7 and the gradient norm inf; update skipped" in capsys.readouterr().out
+    assert skip.allows(4, 0.7, 1.0)  # a finite step resets the count
+    for step in range(5, 5 + MAX_SKIPPED_IN_A_ROW - 1):
+        assert not skip.allows(step, math.nan, math.nan, where=f"minibatch {step}")
+    with pytest.raises(FloatingPointError, match=f"minibatch 12: .* {MAX_SKIPPED_IN_A_ROW} steps in a row"):
+        skip.allows(12, math.nan, math.nan, where="minibatch 12")
 
 
-def train(model, optimizer, scheduler, steps, start_step=0, checkpoint=None):
-    """Steps start_step+1 .. steps over DATA in SeededSampler order; python, numpy and torch
-    RNGs all shape the loss. Saves a checkpoint after step `checkpoint` (output_dir, step)."""
-    sampler = SeededSampler(len(DATA), seed=7)
-    losses = []
-    for step in range(start_step + 1, steps + 1):
-        epoch, batch_in_epoch = divmod(step - 1, BATCHES_PER_EPOCH)
-        sampler.set_epoch(epoch, skip=batch_in_epoch * BATCH)
-        rows = list(sampler)[:BATCH]
-        ids = DATA[rows]
-        out = model(input_ids=ids, labels=ids)
-        noise = random.random() + float(np.random.rand()) + torch.rand(()).item()
-        loss = out.loss * (1 + 0.01 * noise)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-        if checkpoint is not None and step == checkpoint[1]:
-            epoch_after, seen_after = divmod(step, BATCHES_PER_EPOCH)
-            save_checkpoint(checkpoint[0], step, model=model, optimizer=optimizer, scheduler=scheduler,
-                            epoch=step / BATCHES_PER_EPOCH,
-                            data_state={"epoch": epoch_after, "batches_seen": seen_after, "seed": 7},
-                            metadata={"run": "test"})
-    return losses
-
-
-@pytest.mark.parametrize("use_peft", [True, False], ids=["lora", "full"])
-def test_resume_is_bitwise_identical(dropout_llama_dir, tmp_path, use_peft):
-    model, optimizer, scheduler = build(dropout_llama_dir, use_peft)
-    set_seed(123)
-    uninterrupted = train(model, optimizer, scheduler, 6, checkpoint=(tmp_path, 3))
-    final = {n: p.detach().clone() for n, p in model.named_parameters()}
-
-    resumed_model, resumed_optimizer, resumed_scheduler = build(dropout_llama_dir, use_peft)
-    set_seed(999)  # whatever the seed now, the checkpoint's RNG states take over
-    path = find_latest_checkpoint(tmp_path)
-    assert path == tmp_path / "checkpoint-3"
-    state = load_checkpoint(path, resumed_model, resumed_optimizer, resumed_scheduler)
-    assert state["step"] == 3 and state["data_state"] == {"epoch": 0, "batches_seen": 3, "seed": 7}
-    assert state["metadata"] == {"run": "test"} and state["epoch"] == 0.75
-    resumed = train(resumed_model, resumed_optimizer, resumed_scheduler, 6, start_step=3)
-
-    assert resumed == uninterrupted[3:]
-    for name, param in resumed_model.named_parameters():
-        assert torch.equal(param, final[name]), name
-    assert resumed_scheduler.get_last_lr() == scheduler.get_last_lr()
-
-    saved = torch.load(path / "model.pt", weights_only=True)
-    if use_peft:  # only the adapters are in a LoRA checkpoint
-        assert saved and all("lora_" in key for key in saved)
-    else:
-        assert set(saved) == set(model.state_dict())
-
-
-def test_checkpoint_for_another_model_is_refused(dropout_llama_dir, tmp_path):
-    model, _, _ = build(dropout_llama_dir, use_peft=True)
-    save_checkpoint(tmp_path, 1, model=model)
-    full, _, _ = build(dropout_llama_dir, use_peft=False)
-    with pytest.raises(ValueError, match="does not fit this model"):
-        load_checkpoint(tmp_path / "checkpoint-1", full)
-    with pytest.raises(ValueError, match="has no optimizer.pt"):
-        load_checkpoint(tmp_path / "checkpoint-1", model, torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_checkpoint(tmp_path / "checkpoint-2", model)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: partial, corrupt, rotation, failing disks
-# ----------------------------------------------------------------------------------------------
-
-
-def small_state(seed):
-    torch.manual_seed(seed)
-    model = torch.nn.Linear(4, 4)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(torch.randn(2, 4)).sum().backward()
-    optimizer.step()
-    return model, optimizer
-
-
-def test_corrupt_or_partial_checkpoints_are_never_loaded(tmp_path):
-    for step in (1, 2, 3):
-        model, optimizer = small_state(step)
-        save_checkpoint(tmp_path, step, model=model, optimizer=optimizer)
-    assert (tmp_path / "latest").read_text().strip() == "checkpoint-3"
-    assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
-
-    # a crashed save of step 4 left its temporary directory: not a candidate
-    (tmp_path / ".checkpoint-4.tmp-abc").mkdir()
-    (tmp_path / ".checkpoint-4.tmp-abc" / "model.pt").write_bytes(b"half")
-    # step 3 damaged after the fact: a truncated file
-    model_file = tmp_path / "checkpoint-3" / "model.pt"
-    model_file.write_bytes(model_file.read_bytes()[:-10])
-    # step 5 complete-looking but without its manifest (the save died before writing it)
-    (tmp_path / "checkpoint-5").mkdir()
-    (tmp_path / "checkpoint-5" / "model.pt").write_bytes(b"x")
-
-    with pytest.warns(UserWarning, match="skipping checkpoint") as caught:
-        assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
-    reasons = " ".join(str(w.message) for w in caught)
-    assert "checkpoint-5: no manifest.json" in reasons and "checkpoint-3: model.pt has" in reasons
-
-    # same size, different bytes: only the hash notices
-    optimizer_file = tmp_path / "checkpoint-2" / "optimizer.pt"
-    data = bytearray(optimizer_file.read_bytes())
-    data[-1] ^= 0xFF
-    optimizer_file.write_bytes(bytes(data))
-    assert "sha256" in validate_checkpoint(tmp_path / "checkpoint-2")
-    assert validate_checkpoint(tmp_path / "checkpoint-2", verify_hashes=False) is None
-    with pytest.raises(ValueError, match="incomplete or corrupt.*sha256"):
-        load_checkpoint(tmp_path / "checkpoint-2", torch.nn.Linear(4, 4))
-    with pytest.warns(UserWarning):
-        assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
-
-
-def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path):
-    model, optimizer = small_state(0)
-    save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer)
-    script = textwrap.dedent(f"""
-        import os, signal, torch
-        import alignlib.training as training
-
-        def die(*args, **kwargs):  # every file is written; the process dies before the rename
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        training._fsync_tree = die
-        model = torch.nn.Linear(4, 4)
-        training.save_checkpoint({str(tmp_path)!r}, 2, model=model,
-                                 optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-    """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
-    assert result.returncode == -signal.SIGKILL, result.stderr.decode()[-2000:]
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".checkpoint-2.tmp-")]
-    assert len(leftovers) == 1 and (tmp_path / leftovers[0] / "manifest.json").exists()
-    assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
-    assert (tmp_path / "latest").read_text().strip() == "checkpoint-1"
-    restored = torch.nn.Linear(4, 4)
-    load_checkpoint(tmp_path / "checkpoint-1", restored)
-    assert torch.equal(restored.weight, model.weight)
-    # the next save with rotation clears the litter
-    save_checkpoint(tmp_path, 3, model=model, save_total_limit=5)
-    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
-
-
-def test_save_total_limit_keeps_the_newest(tmp_path):
-    model, optimizer = small_state(0)
-    for step in (10, 20, 30, 40):
-        save_checkpoint(tmp_path, step, model=model, optimizer=optimizer, save_total_limit=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-30", "checkpoint-40", "latest"]
-    assert (tmp_path / "latest").read_text().strip() == "checkpoint-40"
-    # saving the same step again replaces it in one piece
-    save_checkpoint(tmp_path, 40, model=model, optimizer=optimizer, metadata={"again": True})
-    assert load_checkpoint(tmp_path / "checkpoint-40", restore_rng=False)["metadata"] == {"again": True}
-
-
-def directory_snapshot(root):
-    return {
-        os.path.relpath(os.path.join(dirpath, name), root): open(os.path.join(dirpath, name), "rb").read()
-        for dirpath, _, names in os.walk(root) for name in names
-    }
-
-
-def test_read_only_output_dir_gives_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    model, optimizer = small_state(0)
-    save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer)
-    before = directory_snapshot(tmp_path)
-    tmp_path.chmod(0o500)
-    try:
-        try:  # root ignores directory permissions: then simulate what the kernel would say
-            probe = tempfile.mkdtemp(dir=tmp_path)
-            os.rmdir(probe)
-
-            def refuse(*args, **kwargs):
-                raise PermissionError(errno.EACCES, "Permission denied")
-
-            monkeypatch.setattr(tempfile, "mkdtemp", refuse)
-        except PermissionError:
-            pass
-        with pytest.raises(OSError, match=rf"could not save checkpoint checkpoint-2 in {tmp_path}") as info:
-            save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer)
-        assert info.value.errno == errno.EACCES
-    finally:
-        tmp_path.chmod(0o700)
-    assert directory_snapshot(tmp_path) == before
-    assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
-
-
-def test_disk_full_during_a_save_cleans_up_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    model, optimizer = small_state(0)
-    save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer)
-    before = directory_snapshot(tmp_path)
-    real_save = torch.save
-
-    def fill_disk(obj, handle, *args, **kwargs):  # save_checkpoint gives torch.save an open file
-        if handle.name.endswith("optimizer.pt"):  # model.pt is written, then the disk is full
-            handle.write(b"\0" * 10)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, handle, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", fill_disk)
-    with pytest.raises(OSError, match=rf"checkpoint-2 in {tmp_path}: No space left on device") as info:
-        save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer)
-    assert info.value.errno == errno.ENOSPC
-    assert directory_snapshot(tmp_path) == before  # no checkpoint-2, no temp dir, latest unchanged
-    assert find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
-
-
-def test_save_checkpoint_errors(tmp_path):
+def test_checkpoint_to_resume_has_one_meaning(tmp_path, capsys):
+    assert checkpoint_to_resume(None, tmp_path) is None
+    assert checkpoint_to_resume("false", tmp_path) is None
+    # 'latest' with nothing to resume: a fresh start, said in one line
+    assert checkpoint_to_resume("latest", tmp_path) is None
+    assert "no complete checkpoint in" in capsys.readouterr().out
     model = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="step must be"):
-        save_checkpoint(tmp_path, -1, model=model)
-    with pytest.raises(ValueError, match="JSON-serialisable"):
-        save_checkpoint(tmp_path, 1, model=model, metadata={"tensor": torch.zeros(1)})
-    with pytest.raises(ValueError, match="save_total_limit"):
-        save_checkpoint(tmp_path, 1, model=model, save_total_limit=0)
-    assert list(tmp_path.iterdir()) == []
-    assert find_latest_checkpoint(tmp_path / "nothing") is None
-
-
-# ----------------------------------------------------------------------------------------------
-# Metrics, progress, helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def test_metrics_are_trimmed_on_resume(tmp_path):
-    with MetricsLogger(tmp_path) as logger:
-        for step in range(1, 6):
-            logger.log({"loss": torch.tensor(1.0 / step), "rewards/accuracies": np.float32(0.5)},
-                       step=step, epoch=step / 5)
-    with open(tmp_path / "metrics.jsonl", "a") as handle:
-        handle.write('{"step": 6, "loss": 0.1')  # torn by a crash
-    records = read_metrics(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
-    assert records[1] == {"step": 2, "epoch": 0.4, "loss": 0.5, "rewards/accuracies": 0.5}
-
-    with MetricsLogger(tmp_path, resume_step=3) as logger:
-        assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
-        for step in (4, 5):
-            logger.log({"loss": 0.0}, step=step)
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5]
-    assert json.loads(lines[3])["loss"] == 0.0
-
-    MetricsLogger(tmp_path).close()  # a fresh run starts an empty file
-    assert (tmp_path / "metrics.jsonl").read_text() == ""
-
-
-def test_metrics_plot(tmp_path):
-    logger = MetricsLogger(tmp_path)
-    for step in range(1, 4):
-        logger.log({"loss": 1.0 / step}, step=step)
-    try:
-        import matplotlib  # noqa: F401 - not a core dependency
-    except ImportError:
-        with pytest.warns(UserWarning, match="matplotlib is not installed"):
-            assert logger.plot(tmp_path / "curves.png") is None
-        assert not (tmp_path / "curves.png").exists()
-    else:
-        assert logger.plot(tmp_path / "curves.png") == tmp_path / "curves.png"
-        assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    logger.close()
-
-
-def test_progress_shows_the_latest_metrics():
-    with Progress(total=4, initial=1, desc="dpo") as progress:
-        progress.update(loss=torch.tensor(0.693147), acc=0.75)
-        progress.update()
-        assert progress.bar.n == 3
-        assert "loss=0.6931" in progress.bar.postfix and "acc=0.75" in progress.bar.postfix
-
-
-def test_throughput_and_main_process():
-    meter = Throughput()
-    meter.add(100)
-    meter.add(torch.tensor(28))
-    assert meter.tokens == 128 and meter.rate() > 0
-    meter.reset()
-    assert meter.tokens == 0
-    assert is_main_process()
+    for step in (2, 4):
+        save_checkpoint(tmp_path, step, model=model)
+    assert checkpoint_to_resume("latest", tmp_path) == tmp_path / "checkpoint-4"
+    assert checkpoint_to_resume("true", tmp_path) == tmp_path / "checkpoint-4"  # the older PPO spelling
+    assert checkpoint_to_resume(True, tmp_path) == tmp_path / "checkpoint-4"  # YAML's `true`
+    assert checkpoint_to_resume(str(tmp_path / "checkpoint-2"), tmp_path) == tmp_path / "checkpoint-2"
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory at .*checkpoint-9"):
+        checkpoint_to_resume(str(tmp_path / "checkpoint-9"), tmp_path)

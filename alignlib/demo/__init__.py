@@ -12,7 +12,7 @@ No weights are shipped. `prepare_base_model` builds the model from config.json (
 gives it a short supervised warm start on the demo prompts, answered dismissively 70% of the
 time: a base model that knows the words, mostly answers rudely, and has something for
 preference training to fix. `alignlib generate` on the base and on the trained output shows
-the difference.
+the difference. The settings the embedded default trains with are in `alignlib.demo.settings`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,43 @@ import random
 from pathlib import Path
 
 import torch
+
+from alignlib.demo.settings import (
+    PPO_LORA_LEARNING_RATE,
+    PPO_SETTINGS,
+    SAMPLE_PROMPTS,
+    TRAIN_COMMON,
+    TRAIN_SETTINGS,
+    demo_prompts,
+    demo_reward,
+    ppo_defaults,
+    ppo_demo_config,
+    ppo_embedded_default,
+    train_defaults,
+)
+
+__all__ = [
+    "CONFIG_FILE",
+    "HELDOUT_FILE",
+    "PPO_LORA_LEARNING_RATE",
+    "PPO_SETTINGS",
+    "SAMPLE_PROMPTS",
+    "TOKENIZER_FILE",
+    "TRAIN_COMMON",
+    "TRAIN_FILE",
+    "TRAIN_SETTINGS",
+    "build_model",
+    "demo_prompts",
+    "demo_reward",
+    "is_helpful",
+    "load_tokenizer",
+    "ppo_defaults",
+    "ppo_demo_config",
+    "ppo_embedded_default",
+    "prepare_base_model",
+    "read_pairs",
+    "train_defaults",
+]
 
 DEMO_DIR = Path(__file__).resolve().parent
 CONFIG_FILE = DEMO_DIR / "config.json"
@@ -69,8 +106,8 @@ def prepare_base_model(output_dir: str | Path, *, seed: int = 0, steps: int = 30
     `helpful_fraction` and with its rejected one otherwise. Deterministic for a given seed.
     An existing complete output_dir (it holds demo_base.json) is reused.
     """
-    from alignlib.logprobs import sequence_logprobs
-    from alignlib.models import save_model
+    from alignlib.logprobs import IGNORE_INDEX, sequence_logprobs
+    from alignlib.saved_models import save_model
 
     output_dir = Path(output_dir)
     recipe = {"seed": seed, "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate,
@@ -89,7 +126,7 @@ def prepare_base_model(output_dir: str | Path, *, seed: int = 0, steps: int = 30
         texts = [(r["prompt"], r["chosen"] if rng.random() < helpful_fraction else r["rejected"]) for r in rows]
         input_ids, attention_mask, labels = _encode(tokenizer, texts)
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        loss = -sequence_logprobs(logits, labels).sum() / (labels[:, 1:] != -100).sum()
+        loss = -sequence_logprobs(logits, labels).sum() / (labels[:, 1:] != IGNORE_INDEX).sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -100,16 +137,18 @@ def prepare_base_model(output_dir: str | Path, *, seed: int = 0, steps: int = 30
 
 
 def _encode(tokenizer, texts: list[tuple[str, str]]):
-    """(prompt, response) pairs -> right-padded input_ids, attention_mask, labels (-100 on prompt/pad)."""
+    """(prompt, response) pairs -> right-padded input_ids, attention_mask, labels (IGNORE_INDEX on prompt/pad)."""
+    from alignlib.logprobs import IGNORE_INDEX
+
     rows, labels = [], []
     for prompt, response in texts:
         prompt_ids = tokenizer(prompt)["input_ids"]
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(prompt_ids + response_ids)
-        labels.append([-100] * len(prompt_ids) + response_ids)
+        labels.append([IGNORE_INDEX] * len(prompt_ids) + response_ids)
     width = max(map(len, rows))
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    label_ids = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
+    label_ids = torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in labels])
     attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     return input_ids, attention_mask, label_ids

@@ -13,13 +13,13 @@ Protocol: one JSON request per line on stdin, one JSON reply per line on stdout.
              "fault": {...} or null,    see below
              "kill_after_s": float,     optional: the parent SIGKILLs the child after this long
              "kill_clock": "/path",     optional: ... counted from when the child first writes this file
-             "user": "nobody" or null,  optional: drop root privileges first (as root only)
-             "home": "/path"}           with "user": a home / datasets cache the user can write
+             "unprivileged": true}      optional: give up every capability first (see drop_capabilities)
     reply   {"status": exit status, or -N for a child killed by signal N,
              "seconds": wall time of the life, "user": the uid the life ran as (None: killed before),
+             "permissions_enforced": whether the kernel checked file permissions for the life (None: ditto),
              "clock_started_s": when the kill clock started, seconds after the fork (None: never)}
 
-Faults are injected by patching alignlib.training (and torch.save) in the child before it calls
+Faults are injected by patching alignlib.checkpoint and alignlib.metrics (and torch.save) in the child before it calls
 alignlib.cli.main; alignlib itself has no test hooks. Each names the checkpoint step whose save
 it hits (`step`), and kills the process (SIGKILL, no clean-up) at one stage of that save:
 
@@ -39,13 +39,15 @@ and two that make the save fail instead:
                      its bytes (a full disk, simulated)
     read_only        after model.pt of the checkpoint of `step` is written, the output directory
                      and the checkpoint's temporary directory become read-only (chmod 0o555):
-                     real EACCES for a non-root life; as root, which permissions do not stop,
-                     the next write raises EROFS instead (simulated)
+                     real EACCES for a life that permissions bind (any user's, or root's without
+                     capabilities: "unprivileged"); for one they do not stop (root with
+                     CAP_DAC_OVERRIDE), the next write raises EROFS instead (simulated)
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import io
 import json
@@ -58,17 +60,21 @@ import time
 import traceback
 from pathlib import Path
 
-import datasets
+import datasets  # noqa: F401 - imported once here, so each forked life starts warm
 import peft  # noqa: F401 - what alignlib imports lazily (peft pulls bitsandbytes, which pulls torch.compile)
 import torch
 import transformers.trainer_utils  # noqa: F401
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+import alignlib.checkpoint as checkpoint
 import alignlib.cli
+import alignlib.metrics as metrics
 import alignlib.trainer  # noqa: F401 - imported once here, so each forked life starts warm
-import alignlib.training as training
 
-NOBODY = 65534
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, as pytest's pythonpath has it
+from helpers.tiny_llama import tiny_llama  # noqa: E402 - one builder of tiny Llamas for every test
+
+CAP_DAC_OVERRIDE = 1  # the capability that lets root write where permissions say no
 
 
 def die() -> None:
@@ -114,13 +120,13 @@ def install_fault(fault: dict) -> None:
             if not in_save_of(name, step):
                 return real_save(obj, target, *args, **kwargs)
             if kind == "read_only":
-                if state["read_only"]:  # root: permissions are not enforced, say what the kernel would
+                if state["read_only"]:  # permissions are not enforced here: say what the kernel would
                     raise OSError(errno.EROFS, os.strerror(errno.EROFS))
                 result = real_save(obj, target, *args, **kwargs)
                 if Path(name).name == "model.pt":
                     os.chmod(Path(name).parent, 0o555)
                     os.chmod(Path(name).parent.parent, 0o555)
-                    state["read_only"] = os.geteuid() == 0
+                    state["read_only"] = not permissions_enforced()
                 return result
             if Path(name).name != wanted:
                 return real_save(obj, target, *args, **kwargs)
@@ -133,38 +139,38 @@ def install_fault(fault: dict) -> None:
 
         torch.save = save
     elif kind == "before_manifest":
-        real_sha256 = training._sha256
+        real_sha256 = checkpoint._sha256
 
         def sha256(path):
             if in_save_of(path, step):
                 die()
             return real_sha256(path)
 
-        training._sha256 = sha256
+        checkpoint._sha256 = sha256
     elif kind == "before_rename":
-        real_fsync_tree = training._fsync_tree
+        real_fsync_tree = checkpoint._fsync_tree
 
         def fsync_tree(root):
             real_fsync_tree(root)
             if Path(root).name.startswith(f".checkpoint-{step}.tmp-"):
                 die()
 
-        training._fsync_tree = fsync_tree
+        checkpoint._fsync_tree = fsync_tree
     elif kind == "before_latest":
-        real_write = training._write_text_atomic
+        real_write = checkpoint.write_text_atomic
 
         def write_text_atomic(path, text):
-            if Path(path).name == training.LATEST_FILE and text.strip() == f"checkpoint-{step}":
+            if Path(path).name == checkpoint.LATEST_FILE and text.strip() == f"checkpoint-{step}":
                 die()
             return real_write(path, text)
 
-        training._write_text_atomic = write_text_atomic
+        checkpoint.write_text_atomic = write_text_atomic
     elif kind == "mid_latest":
         real_replace = os.replace
 
         def replace(src, dst, *args, **kwargs):
             source = Path(src)
-            if (Path(dst).name == training.LATEST_FILE and source.is_file()
+            if (Path(dst).name == checkpoint.LATEST_FILE and source.is_file()
                     and source.read_text().strip() == f"checkpoint-{step}"):
                 die()
             return real_replace(src, dst, *args, **kwargs)
@@ -182,7 +188,7 @@ def install_fault(fault: dict) -> None:
 
         shutil.rmtree = rmtree
     elif kind in ("torn_metrics", "after_log"):
-        real_log = training.MetricsLogger.log
+        real_log = metrics.MetricsLogger.log
 
         def log(self, metrics, *, step: int, epoch=None):
             if step != fault["step"] or self._handle is None:
@@ -197,20 +203,35 @@ def install_fault(fault: dict) -> None:
             handle.flush()
             die()
 
-        training.MetricsLogger.log = log
+        metrics.MetricsLogger.log = log
     else:
         raise ValueError(f"unknown fault kind {kind!r}")
 
 
-def drop_privileges(home: str) -> None:
-    """Become the unprivileged user `nobody` (from root), with a home and datasets cache it can write."""
-    Path(home).mkdir(parents=True, exist_ok=True)
-    os.chown(home, NOBODY, NOBODY)
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
-    os.environ["HOME"] = home
-    datasets.config.HF_DATASETS_CACHE = Path(home) / "datasets"  # read when a dataset is loaded
+def drop_capabilities() -> None:
+    """Give up every capability (capset(2) with empty sets; a process may always drop its own).
+
+    Root ignores file permissions only through capabilities (CAP_DAC_OVERRIDE above all); without
+    them the kernel checks this process's permissions as it does any user's. The uid stays 0, so
+    what root owns stays readable and writable: the interpreter, the virtual environment and the
+    caches, wherever they live (a /root that no other user may enter included). Becoming another
+    user (nobody) instead would need every one of those readable by that user."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) x 2 words, all empty
+    if libc.capset(header, data) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"capset: {os.strerror(error)}")
+
+
+def permissions_enforced() -> bool:
+    """Whether the kernel checks file permissions for this process: not with CAP_DAC_OVERRIDE."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:  # no /proc: root overrides permissions, other users do not
+        return os.geteuid() != 0
+    effective = int(re.search(r"^CapEff:\s*([0-9a-fA-F]+)", status, re.M).group(1), 16)
+    return not effective & (1 << CAP_DAC_OVERRIDE)
 
 
 def child(request: dict) -> int:
@@ -220,13 +241,13 @@ def child(request: dict) -> int:
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(stdout, 1)
     os.dup2(stderr, 2)
-    uid_file = os.open(f"{log}.uid", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # opened before any drop
+    user_file = os.open(f"{log}.user", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        if request.get("user") == "nobody" and os.geteuid() == 0:
-            with contextlib.suppress(PermissionError):  # no CAP_SETUID: the life runs as root
-                drop_privileges(request["home"])
-        os.write(uid_file, str(os.geteuid()).encode())
-        os.close(uid_file)
+        if request.get("unprivileged"):
+            with contextlib.suppress(OSError, AttributeError):  # no capset(2): the life keeps its capabilities
+                drop_capabilities()
+        os.write(user_file, json.dumps({"uid": os.geteuid(), "permissions_enforced": permissions_enforced()}).encode())
+        os.close(user_file)
         if request.get("fault"):
             install_fault(request["fault"])
         status = alignlib.cli.main(list(request["argv"]))
@@ -273,10 +294,10 @@ def run_life(request: dict) -> dict:
             break
         time.sleep(0.002)
     status = -os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else os.WEXITSTATUS(wait_status)
-    uid_file = Path(f"{request['log']}.uid")
-    uid_text = uid_file.read_text() if uid_file.exists() else ""
-    user = int(uid_text) if uid_text else None
-    return {"status": status, "seconds": time.monotonic() - started, "user": user,
+    user_file = Path(f"{request['log']}.user")
+    user = json.loads(user_file.read_text() or "{}") if user_file.exists() else {}
+    return {"status": status, "seconds": time.monotonic() - started, "user": user.get("uid"),
+            "permissions_enforced": user.get("permissions_enforced"),
             "clock_started_s": None if clock_started is None else clock_started - started}
 
 
@@ -285,10 +306,9 @@ def warm_up() -> None:
     checkpoint-conversion regexes) is done before the first fork instead of in every life."""
     import tempfile
 
-    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=32)
     with tempfile.TemporaryDirectory() as scratch:
-        LlamaForCausalLM(config).save_pretrained(scratch)
+        tiny_llama(hidden=16, seed=None, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                   vocab_size=32, max_position_embeddings=2048, pad_token_id=None).save_pretrained(scratch)
         LlamaForCausalLM.from_pretrained(scratch)
 
 

@@ -18,9 +18,11 @@ from safetensors.torch import load_file
 
 import alignlib.trainer as trainer_module
 from alignlib import demo
+from alignlib.checkpoint import find_latest_checkpoint
+from alignlib.metrics import read_metrics
 from alignlib.models import ModelConfig
-from alignlib.trainer import MAX_SKIPPED_IN_A_ROW, TrainConfig, train
-from alignlib.training import find_latest_checkpoint, read_metrics
+from alignlib.trainer import TrainConfig, train
+from alignlib.training import MAX_SKIPPED_IN_A_ROW
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,0 +1,65 @@
+r"""Preference data: load, normalise to prompt/chosen/rejected, tokenize, collate.
+
+The package's modules, in the order data flows through them:
+
+- `files`: read a file, directory, Hub name or Dataset; name the broken line of a bad file.
+- `formats`: rows in a known format -> string columns prompt, chosen, rejected.
+- `tokenize`: -> token ids with the prompt masked, truncated; checked against a model.
+- `collate`: -> one right-padded batch, chosen and rejected stacked.
+
+In: a local JSON/JSONL/Parquet/CSV file, a `datasets` directory (`save_to_disk` of a
+Dataset or DatasetDict), a directory of data files or a Hub name (`datasets.load_dataset`),
+or a Dataset/DatasetDict object; rows in one of `PREFERENCE_FORMATS`.
+
+A broken file fails with a one-line ValueError naming the file and the line: text that is not
+UTF-8, a JSON Lines line that is not JSON or not an object (the file is scanned only after the
+reader fails, so good files are read once).
+
+Normalised (`load_preference_dataset`): string columns `prompt`, `chosen`, `rejected`
+(responses only; chat templates already applied), plus a float `margin` if the data has one.
+
+Tokenized (`tokenize_preference_dataset`): per pair, lists of ints `chosen_input_ids`,
+`chosen_labels`, `rejected_input_ids`, `rejected_labels` and the int `prompt_length`
+(+ `margin`). Labels equal input_ids with -100 on the prompt (the shift convention of
+`alignlib.logprobs`). Each response ends with EOS (appended unless already there).
+Truncation: the prompt is cut from the LEFT to `max_prompt_length` tokens (a leading BOS
+is kept), then each response from the RIGHT so prompt + response <= `max_length`. A pair
+left without a response token on either side is dropped and counted in `TokenizeStats`.
+
+Collated (`PreferenceCollator`): one batch for one forward pass, rows
+[chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1}], right-padded: input_ids,
+attention_mask, labels (2B, T) (+ margin (B,)).
+
+Checked against a model (`check_token_ids`): every id below the model's vocabulary size.
+"""
+
+from alignlib.data.collate import PreferenceCollator
+from alignlib.data.files import DATA_FILE_BUILDERS, read_source
+from alignlib.data.formats import (
+    PREFERENCE_FORMATS,
+    PROMPT_FORMATS,
+    load_preference_dataset,
+    load_prompt_dataset,
+)
+from alignlib.data.tokenize import (
+    TOKENIZED_COLUMNS,
+    TokenizeStats,
+    check_token_ids,
+    pad_token_id_for,
+    tokenize_preference_dataset,
+)
+
+__all__ = [
+    "DATA_FILE_BUILDERS",
+    "PREFERENCE_FORMATS",
+    "PROMPT_FORMATS",
+    "TOKENIZED_COLUMNS",
+    "PreferenceCollator",
+    "TokenizeStats",
+    "check_token_ids",
+    "load_preference_dataset",
+    "load_prompt_dataset",
+    "pad_token_id_for",
+    "read_source",
+    "tokenize_preference_dataset",
+]

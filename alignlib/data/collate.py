@@ -1,0 +1,71 @@
+"""Tokenized pairs to one batch for one forward pass: chosen and rejected stacked, right-padded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from alignlib.logprobs import IGNORE_INDEX
+
+__all__ = ["PreferenceCollator"]
+
+
+@dataclass
+class PreferenceCollator:
+    """Stack chosen and rejected into one right-padded batch for a single forward pass.
+
+    Input rows: dicts from `tokenize_preference_dataset`. Output for B rows, T the longest
+    sequence (rounded up to `pad_to_multiple_of`):
+        input_ids (2B, T) long, pad_token_id on padding
+        attention_mask (2B, T) long, 0 on padding
+        labels (2B, T) long, -100 on prompt and padding (causal LM only)
+        margin (B,) float32, if the rows have one
+    Rows 0..B-1 are the chosen sequences and rows B..2B-1 the rejected ones, pair i at rows
+    i and B + i.
+
+    for_reward_model=True drops `labels` (a sequence classifier would read them as class
+    targets) and adds last_token_index (2B,) long, the position of each row's last real
+    token. Why: Hugging Face sequence classifiers (LlamaForSequenceClassification...) score
+    the rightmost token that differs from config.pad_token_id. With pad id == EOS id (a
+    tokenizer without a pad token) and responses ending in EOS, that is the token before
+    the EOS. It is still consistent, but a reward trainer that wants the score at the last
+    real token whatever the pad id should pool the per-token scores at last_token_index.
+    """
+
+    pad_token_id: int
+    for_reward_model: bool = False
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not rows:
+            raise ValueError("PreferenceCollator got an empty list of rows")
+        missing = [key for key in ("chosen_input_ids", "rejected_input_ids") if key not in rows[0]]
+        if missing:
+            raise ValueError(
+                f"rows lack {missing} (keys: {sorted(rows[0])}); use tokenize_preference_dataset"
+            )
+        sequences = [row["chosen_input_ids"] for row in rows] + [row["rejected_input_ids"] for row in rows]
+        lengths = torch.tensor([len(ids) for ids in sequences])
+        width = int(lengths.max())
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        for i, ids in enumerate(sequences):
+            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask = (torch.arange(width) < lengths[:, None]).long()
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.for_reward_model:
+            batch["last_token_index"] = lengths - 1
+        else:
+            labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+            label_rows = [row["chosen_labels"] for row in rows] + [row["rejected_labels"] for row in rows]
+            for i, row_labels in enumerate(label_rows):
+                if len(row_labels) != len(sequences[i]):
+                    raise ValueError(f"row {i % len(rows)}: labels and input_ids differ in length")
+                labels[i, : len(row_labels)] = torch.tensor(row_labels, dtype=torch.long)
+            batch["labels"] = labels
+        if "margin" in rows[0]:
+            batch["margin"] = torch.tensor([float(row["margin"]) for row in rows], dtype=torch.float32)
+        return batch

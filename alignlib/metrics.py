@@ -1,0 +1,258 @@
+"""What a run reports: metrics.jsonl, the window of steps between two log lines, progress.
+
+- `MetricsLogger`: metrics.jsonl, one JSON object per logging step (TRL's metric names),
+  trimmed on resume; `read_metrics` reads it back.
+- `MetricWindow`: the sums of the steps since the last log line, averaged (over every rank)
+  when the line is written.
+- `Progress`: a tqdm bar over optimizer steps; `Throughput`: tokens per second.
+
+Only rank 0 writes (`alignlib.distributed.is_main_process`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import os
+import re
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from alignlib.checkpoint import remove_stale_temporaries, write_text_atomic
+from alignlib.distributed import SINGLE_PROCESS, Processes, is_main_process, sum_across
+
+__all__ = ["MetricWindow", "MetricsLogger", "Progress", "Throughput", "read_metrics"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def _to_number(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().item() if value.numel() == 1 else value.detach().float().tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every complete record of a metrics.jsonl file (a torn last line is skipped)."""
+    records = []
+    with open(path) as handle:
+        for line in handle:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+class MetricsLogger:
+    """Append one JSON object per logging step to `output_dir/metrics.jsonl`.
+
+    Each record is {"step": int, "epoch": float | None, **metrics}, with TRL's metric names
+    (`loss`, `learning_rate`, `rewards/chosen`, `rewards/accuracies`, ...). Lines are flushed
+    as they are written, so a crash loses at most the line being written.
+
+    `resume_step`: None starts a fresh file (an existing one is replaced). An int keeps the
+    records with step <= resume_step and drops the rest (the steps the resumed run will log
+    again), plus any torn line. Only the main process writes.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, *, resume_step: int | None = None,
+                 filename: str = "metrics.jsonl") -> None:
+        self.path = Path(output_dir) / filename
+        self._handle = None
+        if not is_main_process():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and self.path.exists():
+            kept = [record for record in read_metrics(self.path) if record.get("step", 0) <= resume_step]
+        remove_stale_temporaries(self.path.parent, rf"^\.{re.escape(self.path.name)}\.tmp-")  # a killed rewrite
+        try:
+            write_text_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
+            self._handle = open(self.path, "a")  # noqa: SIM115 - kept open for the run, closed in close()
+        except OSError as exc:
+            raise OSError(exc.errno or errno.EIO, f"could not write metrics to {self.path}: {exc.strerror or exc}") from exc
+
+    def log(self, metrics: Mapping[str, Any], *, step: int, epoch: float | None = None) -> dict[str, Any]:
+        """Write one record; tensors and numpy scalars become numbers. Returns the record.
+
+        The line goes out in one write and is flushed at once: a process killed meanwhile leaves
+        at most that line torn, which `read_metrics` skips and a resumed logger drops.
+        """
+        record = {"step": step, "epoch": epoch, **{key: _to_number(value) for key, value in metrics.items()}}
+        if self._handle is not None:
+            try:
+                self._handle.write(json.dumps(record) + "\n")
+                self._handle.flush()
+            except OSError as exc:  # close now: a later flush of the stuck buffer would only fail again
+                handle, self._handle = self._handle, None
+                with contextlib.suppress(OSError):
+                    handle.close()
+                raise OSError(exc.errno or errno.EIO, f"could not write the metrics of step {step} to {self.path}: "
+                              f"{exc.strerror or exc}") from exc
+        return record
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def plot(self, png_path: str | os.PathLike, keys: Iterable[str] | None = None) -> Path | None:
+        """Plot each metric against step into one PNG (one panel per metric).
+
+        matplotlib is optional (`pip install matplotlib`, or the `bench` extra): without it a
+        warning is issued and None returned. `keys` defaults to `loss` and the `rewards/*`
+        metrics found.
+        """
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            warnings.warn("matplotlib is not installed; metrics not plotted (pip install matplotlib)", stacklevel=2)
+            return None
+        if self._handle is not None:
+            self._handle.flush()
+        records = read_metrics(self.path)
+        if keys is None:
+            seen = {key for record in records for key in record}
+            keys = [key for key in ("loss", "rewards/accuracies", "rewards/margins") if key in seen]
+        keys = list(keys)
+        if not keys:
+            raise ValueError(f"nothing to plot: none of the requested metrics is in {self.path}")
+        figure, axes = plt.subplots(len(keys), 1, figsize=(6, 2.5 * len(keys)), squeeze=False)
+        for axis, key in zip(axes[:, 0], keys, strict=True):
+            points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+            axis.plot([p[0] for p in points], [p[1] for p in points])
+            axis.set_ylabel(key)
+        axes[-1, 0].set_xlabel("step")
+        figure.tight_layout()
+        figure.savefig(png_path)
+        plt.close(figure)
+        return Path(png_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress and throughput
+# ----------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """A tqdm bar over optimizer steps with the latest metrics in its postfix.
+
+        with Progress(total=num_steps, initial=resumed_step) as bar:
+            ...
+            bar.update(loss=loss.item(), acc=accuracy)
+
+    Hidden on every process but the main one (and when `disable`).
+    """
+
+    def __init__(self, total: int, *, initial: int = 0, desc: str = "train", disable: bool = False) -> None:
+        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                        disable=disable or not is_main_process())
+
+    def update(self, n: int = 1, **metrics: Any) -> None:
+        if metrics:
+            values = {key: _to_number(value) for key, value in metrics.items()}
+            shown = {key: f"{value:.4g}" if isinstance(value, float) else value for key, value in values.items()}
+            self.bar.set_postfix(shown, refresh=False)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Throughput:
+    """Tokens per second between resets: `add(n_tokens)` after each step, read `rate()`."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens, self.start = 0, time.perf_counter()
+
+    def add(self, tokens: int | torch.Tensor) -> None:
+        self.tokens += int(tokens)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def rate(self) -> float:
+        elapsed = self.elapsed()
+        return self.tokens / elapsed if elapsed > 0 else 0.0
+
+
+class MetricWindow:
+    """The optimizer steps since the last log line: metric sums, the loss, pairs and tokens.
+
+    Every step that updated the weights is `add`ed: its metric sums (this rank's, e.g. the sum
+    over its pairs of `rewards/chosen`), its loss and pair count (over every rank), this rank's
+    pair count, the gradient norm. `summary` turns the window into the log line's means, the
+    sums added over ranks first, and starts a new window. Skipped steps are never added, so a
+    line averages the steps that trained.
+
+        window.add(metric_sums, loss=0.69, pairs=8, local_pairs=4, grad_norm=1.3)
+        window.tokens.add(n)      # per micro-batch, for tokens_per_second
+        record = window.summary(processes, learning_rate=...)   # None if no step was added
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}  # this rank's metric sums
+        self.loss_sum = 0.0  # sum over steps of the step's loss times its pairs (all ranks)
+        self.pairs = 0  # over all ranks
+        self.local_pairs = 0  # this rank's
+        self.grad_norm = math.nan
+        self.tokens = Throughput()
+
+    def add(self, metric_sums: Mapping[str, float], *, loss: float, pairs: int, local_pairs: int,
+            grad_norm: float) -> None:
+        for key, value in metric_sums.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.loss_sum += loss * pairs
+        self.pairs += pairs
+        self.local_pairs += local_pairs
+        self.grad_norm = grad_norm
+
+    def local_mean(self, key: str) -> float:
+        """This rank's running mean of a metric over its pairs (for the progress bar)."""
+        return self.sums.get(key, 0.0) / max(self.local_pairs, 1)
+
+    def summary(self, processes: Processes = SINGLE_PROCESS, **extra: float) -> dict[str, float] | None:
+        """The window's means over every rank's pairs, with `extra` values added; None when no
+        step was added. Every rank must call it (the sums are gathered). Resets the window."""
+        record = None
+        if self.pairs:
+            record = {key: value / self.pairs for key, value in sum_across(self.sums, processes).items()}
+            record["loss"] = self.loss_sum / self.pairs
+            record.update(extra)
+            record["grad_norm"] = self.grad_norm
+            record["tokens_per_second"] = sum_across({"rate": self.tokens.rate()}, processes)["rate"]
+        self.__init__()
+        return record
