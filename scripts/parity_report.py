@@ -3,8 +3,8 @@
     python scripts/parity_report.py            # rewrites docs/parity.md
     python scripts/parity_report.py --check    # exits 1 if any row is out of tolerance
 
-Runs the parity tests themselves (tests/losses/test_trl_parity.py and test_ppo_golden.py,
-through pytest) and gathers every comparison they make (helpers.parity.Comparison) into one
+Runs the parity tests themselves (tests/losses/test_trl_parity.py, test_ppo_golden.py,
+test_kto_parity.py and test_grpo_parity.py, through pytest) and gathers every comparison they make (helpers.parity.Comparison) into one
 row per variant, so the document shows exactly what the tests check. Needs the test extra
 (TRL 1.16) installed.
 """
@@ -25,7 +25,12 @@ import torch  # noqa: E402
 import trl  # noqa: E402
 from helpers.parity import SECTIONS, Comparison, Variant, recording  # noqa: E402
 
-TESTS = ("tests/losses/test_trl_parity.py", "tests/losses/test_ppo_golden.py")
+TESTS = (
+    "tests/losses/test_trl_parity.py",
+    "tests/losses/test_ppo_golden.py",
+    "tests/losses/test_kto_parity.py",
+    "tests/losses/test_grpo_parity.py",
+)
 
 INTRO = """# Parity with TRL
 
@@ -48,11 +53,22 @@ and `max rel` the largest differences seen (relative over values with |TRL| > 1e
 number (excluded from the differences); `both inf` values that overflow in both (the true
 value exceeds the dtype's range, e.g. IPO's square of a saturated forward-KL score).
 
+KTO: unpaired log-probs with mixed labels (B=16), one label only, B=7 with 3 mismatched
+pairs, B=1, a KL estimate below 0 (z0 clamped), and extremes, each with the four betas,
+through `KTOTrainer._compute_loss`. GRPO: padded rollouts (B=8, T=12 with lengths 1..12;
+on-policy; B=1; per-token advantages; log-ratios up to +-19.5 with advantages up to 1e3)
+through `GRPOTrainer._compute_loss`, its per-token log-prob method stubbed; the advantages
+through `GRPOTrainer`'s and `RLOOTrainer`'s `_generate_and_score_completions` with generation
+and the reward function stubbed (rewards with zero-std groups and NaN for unscorable
+completions); RLOO's update through `RLOOTrainer._compute_loss`.
+
 Each row gathers the test cases of one variant in `tests/losses/test_trl_parity.py` (the
-DPO, ORPO, CPO and reward rows) or `tests/losses/test_ppo_golden.py` (the PPO rows), where
-the inputs, both calls and the comparisons can be read; `tests/helpers/parity.py` defines
-the variants, inputs and tolerances. Regenerate with `python scripts/parity_report.py`
-(needs `pip install -e ".[test]"`): it runs those tests and writes what they compared.
+DPO, ORPO, CPO and reward rows), `tests/losses/test_ppo_golden.py` (the PPO rows),
+`tests/losses/test_kto_parity.py` (KTO) or `tests/losses/test_grpo_parity.py` (GRPO, RLOO
+and their advantages), where the inputs, both calls and the comparisons can be read;
+`tests/helpers/parity.py` defines the variants, inputs and tolerances. Regenerate with
+`python scripts/parity_report.py` (needs `pip install -e ".[test]"`): it runs those tests
+and writes what they compared.
 """
 
 NOTES = """
@@ -88,6 +104,31 @@ NOTES = """
   the response's advantages through GAE. alignlib zeroes padding everywhere; the golden
   comparisons are on response tokens, and the whiten_rewards step uses inputs without
   right padding, where TRL's result is uncontaminated.
+- **KTO's `max rel`** (~1e-8) is on losses near 1e-8, where TRL's 1 - sig(x) cancels;
+  alignlib computes sig(-x). The absolute differences are below 2e-15.
+- **KTO's reference point**: TRL estimates z0 on each micro-batch (and averages the
+  per-rank means), so its loss depends on how a step is split into micro-batches and ranks.
+  alignlib's `kto_kl_sum` returns the sum and the count, which a trainer adds up over the
+  step and passes as `kl=`; a test shows TRL's split loss differing and alignlib's not.
+  Without KL inputs (or `kl`), alignlib's `kto` uses z0 = 0; TRL always estimates it.
+- **GRPO's and RLOO's advantages (float32 tolerance)**: TRL's `nanstd` forms Bessel's
+  n/(n-1) from integer counts, which torch divides into a float32 tensor, so TRL's stds
+  carry float32 rounding even for float64 rewards. alignlib's are float64; the rows are
+  compared at float32 tolerance, and one row with group sizes whose n/(n-1) is exact in
+  float32 (2, 3, 5) agrees at float64 round-off.
+- **sapo**: TRL builds the temperatures with `torch.where` on Python floats, a float32
+  tensor, so 1.05 and 4 / tau carry float32 rounding; with temperatures 1 and 2 (exact)
+  the row agrees at float64 round-off.
+- **clip fractions**: TRL logs them as float32 means of 0/1 flags; alignlib's float64
+  fractions are rounded to float32 before the comparison.
+- **GRPO's normalisers under gradient accumulation**: TRL divides each micro-batch's grpo,
+  bnpo and dr_grpo loss by the number of accumulation steps, so micro-batches of unequal
+  size (or, for bnpo, unequal token counts) give a step loss that depends on the split.
+  alignlib divides the batch's sum by a `normalizer`; passed the step's (the micro-batches'
+  `grpo_normalizer` summed over micro-batches and ranks), the micro-batch losses add up to
+  the whole step's. TRL's dapo and cispo divide by the step's token count and agree.
+- **GRPO's and RLOO's ratios**: as for PPO, alignlib takes exp of a log-ratio at most at
+  e^20 (and k3's e^{-log r} likewise); TRL does not clamp. The inputs stay within +-19.5.
 """
 
 

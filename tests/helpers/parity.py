@@ -362,6 +362,203 @@ WHITEN = Variant("PPO (classic)", "whiten (shift_mean True / False)", note=_CLAS
 ADAPTIVE_KL = Variant("PPO (classic)", "AdaptiveKLController trajectory", note=_CLASSIC_NOTE,
                       trl_may_overflow=False)
 
+# ---------------------------------------------------------------------------
+# KTO: unpaired examples, a desirable label, and the mismatched pairs' log-probs
+# ---------------------------------------------------------------------------
+
+
+class UnpairedLogps(NamedTuple):
+    """Summed log-probs of B labelled completions and of m mismatched (KL) pairs."""
+
+    name: str
+    policy: torch.Tensor
+    ref: torch.Tensor
+    desirable: torch.Tensor
+    policy_kl: torch.Tensor
+    ref_kl: torch.Tensor
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _unpaired_logps() -> list[UnpairedLogps]:
+    """Mixed labels (B=16), one label only, odd sizes, B=1, a KL estimate below 0 (z0 clamped), extremes."""
+    g = torch.Generator().manual_seed(15)
+
+    def draw(name, batch, labels, kl_shift=1.0, scale=3.0, kl_batch=None):
+        kl_batch = batch if kl_batch is None else kl_batch
+        policy = -5 - 395 * torch.rand(batch, generator=g, dtype=torch.float64)
+        ref = policy + scale * torch.randn(batch, generator=g, dtype=torch.float64)
+        policy_kl = -5 - 395 * torch.rand(kl_batch, generator=g, dtype=torch.float64)
+        ref_kl = policy_kl - kl_shift + torch.randn(kl_batch, generator=g, dtype=torch.float64)
+        return UnpairedLogps(name, policy, ref, labels, policy_kl, ref_kl)
+
+    mixed = torch.rand(16, generator=g) < 0.5
+    mixed[:2] = torch.tensor([True, False])  # both labels present
+    sets = [
+        draw("typical", 16, mixed),
+        draw("desirable only", 5, torch.ones(5, dtype=torch.bool)),
+        draw("undesirable only", 5, torch.zeros(5, dtype=torch.bool)),
+        draw("odd size, m=3", 7, torch.tensor([True, False, False, True, False, True, False]), kl_batch=3),
+        draw("batch 1", 1, torch.tensor([True])),
+        draw("z0 below 0, clamped", 16, mixed.roll(3), kl_shift=-2.0),
+    ]
+    batch = 16
+    sets.append(UnpairedLogps(
+        "extreme", _log_uniform(g, batch, 1e-3, 1e4), _log_uniform(g, batch, 1e-3, 1e4), mixed.roll(5),
+        _log_uniform(g, batch, 1e-3, 1e4), _log_uniform(g, batch, 1e-3, 1e4),
+    ))
+    return sets
+
+
+UNPAIRED_LOGPS = _unpaired_logps()
+KTO_VARIANTS = [
+    Variant("kto_loss", name, options)
+    for loss_type in ("kto", "apo_zero_unpaired")
+    for name, options in (
+        (loss_type, {"loss_type": loss_type}),
+        (f"{loss_type}, desirable_weight=1.33, undesirable_weight=0.75",
+         {"loss_type": loss_type, "desirable_weight": 1.33, "undesirable_weight": 0.75}),
+    )
+]
+
+
+# ---------------------------------------------------------------------------
+# GRPO and RLOO: rollouts (B, T) with right padding, and group rewards
+# ---------------------------------------------------------------------------
+
+
+class RolloutLogps(NamedTuple):
+    """Per-token log-probs of a batch of responses (policy, rollout policy, reference), advantages, mask."""
+
+    name: str
+    logprobs: torch.Tensor
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    advantages: torch.Tensor  # (B,), or (B, T) for the per-token set
+    mask: torch.Tensor
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _rollout_logps() -> list[RolloutLogps]:
+    """Typical (B=8, T=12, lengths 1..12), on-policy, B=1, per-token advantages, and extremes
+    (log-ratios up to +-19.5 per token, advantages up to 1e3: below alignlib's e^20 clamp)."""
+    g = torch.Generator().manual_seed(16)
+
+    def draw(name, batch, length, spread=0.3, low=-5.0, adv_scale=1.0, per_token=False, on_policy=False):
+        lengths = torch.randint(1, length + 1, (batch, 1), generator=g)
+        lengths[0] = length  # one full row
+        mask = torch.arange(length).expand(batch, length) < lengths
+        logprobs = low * torch.rand(batch, length, generator=g, dtype=torch.float64)
+
+        def near(scale):  # log-probs within +-19.5 of the policy's, and <= 0
+            noise = (scale * torch.randn(batch, length, generator=g, dtype=torch.float64)).clamp(-19.5, 19.5)
+            return (logprobs + noise).clamp(max=0)
+
+        old = logprobs.clone() if on_policy else near(spread)
+        shape = (batch, length) if per_token else (batch,)
+        advantages = adv_scale * torch.randn(shape, generator=g, dtype=torch.float64)
+        return RolloutLogps(name, logprobs, old, near(5 * spread / 3), advantages, mask)
+
+    return [
+        draw("typical", 8, 12),
+        draw("on-policy", 8, 12, on_policy=True),
+        draw("batch 1", 1, 7),
+        draw("per-token advantages", 6, 10, per_token=True),
+        draw("extreme", 8, 16, spread=8.0, low=-30.0, adv_scale=1e3),
+    ]
+
+
+ROLLOUT_LOGPS = _rollout_logps()
+_SAPO_NOTE = ("TRL builds sapo's temperatures with torch.where on Python floats, a float32 tensor even for "
+              "float64 input, so 1.05 and 4 / tau carry float32 rounding; compared at float32 tolerance")
+_CLIP_OPTIONS = {"epsilon_low": 0.2, "epsilon_high": 0.28}
+
+
+def _grpo_variants() -> list[Variant]:
+    variants = []
+    for loss_type in ("grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "sapo, tau 1 and 2"):
+        options = {"loss_type": loss_type.split(",")[0], **_CLIP_OPTIONS}
+        tolerance = {}
+        if loss_type == "dr_grpo":
+            options["max_completion_length"] = 16
+        elif loss_type == "cispo":
+            options["epsilon_high"] = 1.2  # the cap on rho; ScaleRL uses 5
+        elif loss_type == "sapo":
+            tolerance = {"rtol": FLOAT32_RTOL, "atol": FLOAT32_ATOL, "note": _SAPO_NOTE}
+        elif loss_type == "sapo, tau 1 and 2":  # 4 / tau exact in float32: float64 agreement
+            options.update(sapo_temperature_pos=1.0, sapo_temperature_neg=2.0)
+        for level in ("token", "sequence"):
+            for beta in (0.0, 0.04):
+                name = f"{loss_type}, {level}-level" + (f", beta={beta}" if beta else "")
+                variants.append(Variant("grpo_loss", name, {**options, "importance_sampling_level": level,
+                                                            "beta": beta}, **tolerance))
+    variants.append(Variant("grpo_loss", "dapo, token-level, beta=0.04, use_bias_correction_kl=False",
+                            {"loss_type": "dapo", **_CLIP_OPTIONS, "beta": 0.04, "use_bias_correction_kl": False}))
+    variants.append(Variant(
+        "grpo_loss", "dapo, token-level, num_items_in_batch of a 3x larger step",
+        {"loss_type": "dapo", **_CLIP_OPTIONS, "step_multiple": 3},
+        note="alignlib's normalizer = TRL's num_items_in_batch (one process, one accumulation step)",
+    ))
+    return variants
+
+
+GRPO_VARIANTS = _grpo_variants()
+
+
+class GroupRewards(NamedTuple):
+    """Rewards in consecutive groups; NaN marks an unscorable completion."""
+
+    name: str
+    rewards: torch.Tensor
+    group_size: int
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _group_rewards() -> list[GroupRewards]:
+    g = torch.Generator().manual_seed(161)
+    nan = float("nan")
+    unscorable = torch.tensor([1.0, nan, 0.0, 0.5, nan, nan, nan, nan, nan, 2.0, nan, nan, 0.3, -1.2, 0.8, 4.0],
+                              dtype=torch.float64)
+    return [
+        GroupRewards("typical, G=4", torch.randn(16, generator=g, dtype=torch.float64), 4),
+        GroupRewards("0/1 rewards, zero-std groups, G=4",
+                     torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 1, 0.5, 0.5, 0.5, 0.5], dtype=torch.float64), 4),
+        GroupRewards("NaN: unscorable rows, lone and empty groups, G=4", unscorable, 4),
+        GroupRewards("one group, G=8", 10 * torch.rand(8, generator=g, dtype=torch.float64), 8),
+        GroupRewards("G=2", torch.randn(12, generator=g, dtype=torch.float64), 2),
+        GroupRewards("extreme, G=4", 1e6 * torch.randn(16, generator=g, dtype=torch.float64), 4),
+    ]
+
+
+GROUP_REWARDS = _group_rewards()
+_NANSTD_NOTE = ("TRL's nanstd forms Bessel's n/(n-1) from integer counts, a float32 tensor, so its stds "
+                "carry float32 rounding (relative ~3e-8); compared at float32 tolerance")
+ADVANTAGE_VARIANTS = [
+    Variant("group_advantages", "scale='group'", {"scale": "group"}, rtol=FLOAT32_RTOL, atol=FLOAT32_ATOL,
+            note=_NANSTD_NOTE),
+    Variant("group_advantages", "scale='batch'", {"scale": "batch"}, rtol=FLOAT32_RTOL, atol=FLOAT32_ATOL,
+            note=_NANSTD_NOTE),
+    Variant("group_advantages", "scale='none' (Dr. GRPO)", {"scale": "none"}),
+    Variant("rloo_advantages", "leave-one-out", {"normalize": False}),
+    Variant("rloo_advantages", "leave-one-out, normalize_advantages", {"normalize": True},
+            rtol=FLOAT32_RTOL, atol=FLOAT32_ATOL, note=_NANSTD_NOTE),
+    Variant("rloo_advantages", "leave-one-out, beta=0.05 (k1 KL summed into the rewards)",
+            {"normalize": False, "beta": 0.05}),
+]
+# Group scale with every group complete and n/(n-1) exact in float32 (G = 2, 3, 5): float64 agreement.
+GROUP_EXACT = Variant("group_advantages", "scale='group', G in {2, 3, 5}, all scorable", {"scale": "group"},
+                      note="n/(n-1) = 2, 1.5, 1.25 are exact in float32, so TRL's std is float64-exact")
+RLOO_VARIANTS = [
+    Variant("rloo_loss", "sequence-level clip, eps 0.2 / 0.2", {"epsilon_low": 0.2, "epsilon_high": 0.2}),
+    Variant("rloo_loss", "sequence-level clip, eps 0.2 / 0.28", _CLIP_OPTIONS),
+]
+# TRL logs the clip fractions as float32 means of 0/1 flags: alignlib's are rounded to float32 to compare.
+
 # docs/parity.md's sections and their rows, in order.
 SECTIONS: dict[str, list[Variant]] = {
     "DPO": [*DPO_LOSS_TYPE_VARIANTS, CDPO, *F_DIVERGENCE_VARIANTS],
@@ -372,4 +569,8 @@ SECTIONS: dict[str, list[Variant]] = {
         *map(classic_step_variant, CLASSIC["steps"]), WHITEN, ADAPTIVE_KL
     ],
     "PPO (TRL 0.25.1)": [trl025_run_variant(run) for run in LATER["runs"]],
+    "KTO": KTO_VARIANTS,
+    "GRPO": GRPO_VARIANTS,
+    "GRPO and RLOO advantages": [*ADVANTAGE_VARIANTS[:3], GROUP_EXACT, *ADVANTAGE_VARIANTS[3:]],
+    "RLOO": RLOO_VARIANTS,
 }
