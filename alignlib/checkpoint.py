@@ -52,6 +52,7 @@ __all__ = [
     "atomic_directory",
     "find_latest_checkpoint",
     "load_checkpoint",
+    "read_trainer_state",
     "remove_stale_temporaries",
     "rng_state",
     "save_checkpoint",
@@ -404,6 +405,18 @@ def find_latest_checkpoint(output_dir: str | os.PathLike, *, verify_hashes: bool
             return path
         warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
     return None
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The trainer_state.json of a complete checkpoint (step, epoch, data_state, metadata), read
+    without loading any tensor; a ValueError for an incomplete or corrupt checkpoint."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    problem = validate_checkpoint(path, verify_hashes=False)
+    if problem is not None:
+        raise ValueError(f"checkpoint {path} is incomplete or corrupt: {problem}")
+    return json.loads((path / "trainer_state.json").read_text())
 
 
 def load_checkpoint(

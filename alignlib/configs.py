@@ -69,6 +69,8 @@ class TrainConfig:
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep this many newest checkpoints."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint dir, or 'latest' for "
                                                "the newest valid one in output_dir."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start a new run in an output_dir that holds "
+                                       "another run's files: they are moved, whole, to <output_dir>.replaced-<time>/."})
     seed: int = field(default=42, metadata={"help": "Seed for initialisation, data order and dropout."})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (CUDA)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
@@ -94,14 +96,32 @@ class TrainConfig:
 
     def check(self, objective: str) -> None:
         """Raise ValueError (FileNotFoundError for a missing checkpoint) naming the first setting
-        that cannot work for `objective`."""
+        that cannot work for `objective`. Reads nothing but the settings and writes nothing; the
+        objective's loss options are tried on the loss function itself (`_check_loss_options`), so
+        they are refused here, before a run touches its output folder."""
         if objective not in PAIRWISE_OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; known: {', '.join(PAIRWISE_OBJECTIVES)}")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps"):
+            if _whole(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
+        for name in ("save_steps", "warmup_steps"):
+            if _whole(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be a whole number >= 0 (0: {'never' if name == 'save_steps' else 'none'})"
+                                 f", got {getattr(self, name)!r}")
+        for name in ("eval_steps", "save_total_limit"):
+            if getattr(self, name) is not None and _whole(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be None or a whole number >= 1, got {getattr(self, name)!r}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("give max_steps > 0 or num_train_epochs > 0")
+        if not _is_number(self.learning_rate) or self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate!r}")
+        if not _is_number(self.max_grad_norm) or self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be a finite number >= 0 (0: no clipping), got {self.max_grad_norm!r}")
+        if not _is_number(self.warmup_ratio) or not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"warmup_ratio must lie in [0, 1], got {self.warmup_ratio!r}")
+        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.reference_strategy not in REFERENCE_STRATEGY_CHOICES:
             raise ValueError(f"reference_strategy must be one of {', '.join(REFERENCE_STRATEGY_CHOICES)}, "
                              f"got {self.reference_strategy!r}")
@@ -116,6 +136,51 @@ class TrainConfig:
                              "use one of fsdp and use_kernels")
         if self.resume_from_checkpoint not in (None, "latest") and not Path(self.resume_from_checkpoint).is_dir():
             raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint directory at {self.resume_from_checkpoint}")
+        self._check_loss_options(objective)
+
+    def _check_loss_options(self, objective: str) -> None:
+        """Call the objective's loss once on a dummy pair with these settings: the loss's own checks
+        (beta, label_smoothing, f_divergence_type, simpo_gamma...) then refuse a bad option before
+        anything is loaded or written, with the loss's message."""
+        import torch
+
+        from alignlib.losses import cpo_loss, dpo_loss, orpo_loss, reward_ranking_loss, simpo_loss
+
+        chosen, rejected, ones = torch.tensor([-1.0]), torch.tensor([-2.0]), torch.ones(1)
+        try:
+            if objective == "dpo":
+                dpo_loss(chosen, rejected, chosen, rejected, beta=self.beta, loss_type=self.loss_type,
+                         label_smoothing=self.label_smoothing, chosen_lengths=ones, rejected_lengths=ones,
+                         f_divergence_type=self.f_divergence_type)
+            elif objective == "orpo":
+                orpo_loss(chosen, rejected, beta=self.beta)
+            elif objective == "simpo":
+                simpo_loss(chosen, rejected, beta=self.beta, gamma=self.simpo_gamma, label_smoothing=self.label_smoothing)
+            elif objective == "cpo":
+                cpo_loss(chosen, rejected, beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+                         simpo_gamma=self.simpo_gamma)
+            else:
+                reward_ranking_loss(chosen, rejected, center_rewards_coefficient=self.center_rewards_coefficient)
+        except ValueError as exc:
+            raise ValueError(f"{objective}: {exc}") from None
+        for name in ("rpo_alpha", "cpo_alpha"):
+            value = getattr(self, name)
+            if value is not None and (not _is_number(value) or value < 0):
+                raise ValueError(f"{name} must be None or a finite number >= 0, got {value!r}")
+        # Options the objective does not read are refused rather than ignored.
+        if objective in ("orpo", "simpo", "reward") and self.loss_type != "sigmoid":
+            raise ValueError(f"{objective} has no loss_type (got {self.loss_type!r}); loss_type is read by dpo and cpo")
+        if objective in ("orpo", "reward") and self.label_smoothing != 0:
+            raise ValueError(f"{objective} does not read label_smoothing (got {self.label_smoothing!r})")
+        if objective != "dpo" and (self.rpo_alpha is not None or self.f_divergence_type != "reverse_kl"):
+            raise ValueError(f"rpo_alpha and f_divergence_type are DPO options; {objective} does not read them")
+        if objective != "reward" and self.center_rewards_coefficient is not None:
+            raise ValueError(f"center_rewards_coefficient is a reward-model option; {objective} does not read it")
+
+
+def _whole(value: Any) -> float:
+    """value if it is a whole number (an int, not a bool), else -inf (so any lower-bound check fails)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else -math.inf
 
 
 @dataclass
@@ -202,6 +267,9 @@ class PPOConfig:
     save_total_limit: int | None = field(default=None, metadata={"help": "Keep only the newest N checkpoints."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint dir, or 'latest' for "
                                                                                "the newest valid one in output_dir."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start a new run in an output_dir that "
+                                       "holds another run's files: they are moved, whole, to "
+                                       "<output_dir>.replaced-<time>/."})
     on_nonfinite: str = field(default="stop", metadata={"help": "When a minibatch's loss or gradient norm is "
                                                             "NaN/inf: 'stop' the run, or 'skip' that update "
                                                             "(logged; stops after 8 skips in a row)."})

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import importlib
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,7 @@ __all__ = [
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
 ALL_LINEAR = "all-linear"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 _LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save",
                 "use_rslora", "use_dora")
@@ -165,12 +167,16 @@ def local_dir(path: str | os.PathLike | None, what: str = "model", *, revision: 
     if path is None or str(path) == "":
         raise ValueError(f"no {what} path given (model_name_or_path is empty)")
     path = str(path)
+    if os.path.isfile(path):
+        raise NotADirectoryError(f"{what} path {path} is a file: give the folder that holds the model's files")
     if not os.path.isdir(path):
-        looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+        first = path.split("/")[0]
+        looks_like_hub_id = (path.count("/") == 1 and not path.startswith((".", "/", "~"))
+                             and not os.path.isdir(first))  # models/tiny is a local path, not org/name
         cached = _cached_hub_snapshot(path, revision) if looks_like_hub_id else None
         if cached is None:
-            hint = f" (to use the Hub model, download it first: huggingface-cli download {path})" \
-                if looks_like_hub_id else ""
+            hint = (f" (no such local folder; if it is a Hugging Face Hub id, download it first: "
+                    f"huggingface-cli download {path})" if looks_like_hub_id else "")
             raise FileNotFoundError(f"{what} path {path} does not exist{hint}")
         path = cached
     if need_config and not os.path.isfile(os.path.join(path, "config.json")):
@@ -282,7 +288,13 @@ def load_tokenizer(path: str | os.PathLike, *, padding_side: str | None = None,
     from transformers import AutoTokenizer
 
     path = local_dir(path, what, revision=revision, need_config=False)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{what} folder {path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): "
+                                "is it a model folder?")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"could not load the tokenizer in {path}: {str(exc).strip().splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"the tokenizer in {path} has neither a pad nor an eos token; add a pad token")
@@ -311,8 +323,23 @@ def lora_config(cfg: ModelConfig, task_type: str | None = None) -> Any:
     )
 
 
+@contextlib.contextmanager
+def _peft_deprecations_silenced() -> Iterator[None]:
+    """peft (0.21) calls transformers' (5.x) old names gradient_checkpointing_enable and
+    is_gradient_checkpointing, which warn on every run; alignlib itself uses the new ones."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*`(is_gradient_checkpointing|gradient_checkpointing_enable)` is "
+                                r"deprecated", category=FutureWarning)
+        yield
+
+
 def _prepare_for_training(model: Any, cfg: ModelConfig, gradient_checkpointing: bool, task_type: str) -> Any:
     """Gradient checkpointing, k-bit preparation and the LoRA adapter, in that order."""
+    with _peft_deprecations_silenced():
+        return _prepare(model, cfg, gradient_checkpointing, task_type)
+
+
+def _prepare(model: Any, cfg: ModelConfig, gradient_checkpointing: bool, task_type: str) -> Any:
     checkpointing_kwargs = {"use_reentrant": False}
     if is_quantized(model):
         from peft import prepare_model_for_kbit_training

@@ -29,6 +29,8 @@ the same function.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -38,6 +40,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from alignlib.checkpoint import read_trainer_state, write_text_atomic
 from alignlib.configs import ONLINE_OBJECTIVES, PPOConfig
 from alignlib.demo import HELDOUT_FILE, TRAIN_FILE, demo_prompts, demo_reward, ppo_embedded_default
 from alignlib.losses import (
@@ -66,8 +69,18 @@ from alignlib.rollout import (
     prompt_batch,
     reference_logprobs,
 )
+from alignlib.run_folder import (
+    OutputDirLock,
+    check_output_dir,
+    check_restart,
+    check_same_run,
+    claim_output_dir,
+    portable_settings,
+    run_record,
+)
 from alignlib.saved_models import save_model
 from alignlib.training import (
+    Interrupted,
     NonFiniteGuard,
     SeededSampler,
     checkpoint_to_resume,
@@ -75,9 +88,11 @@ from alignlib.training import (
     finite_or_poisoned,
     make_optimizer,
     make_scheduler,
+    resume_requested,
     resume_training,
     save_training_checkpoint,
     set_seed,
+    step_scheduler,
 )
 
 __all__ = [
@@ -108,6 +123,7 @@ class PPORun:
     device: torch.device
     prompts: list[str]
     eval_prompts: list[str]
+    eval_held_out: bool  # eval_prompts are a held-out set (else: the first training prompts)
     sampler: SeededSampler  # the order prompts are drawn in
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -115,6 +131,8 @@ class PPORun:
     guard: NonFiniteGuard
     logger: MetricsLogger
     start_step: int
+    record: dict  # what makes this run this run (alignlib.run_folder.run_record), kept in every checkpoint
+    step: int  # PPO steps done
 
     def generate(self, prompts: list[str], max_new_tokens: int, *, use_reference: bool = False) -> Rollout:
         cfg = self.config
@@ -178,7 +196,23 @@ def train_ppo(
     checkpoints every save_steps (resume with resume_from_checkpoint), and the final model or
     adapter in output_dir/final.
     """
-    run = setup_ppo(config, model_config, reward_fn=reward_fn, prompts=prompts, eval_prompts=eval_prompts)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would run its own PPO into the same output_dir
+        raise ValueError("PPO runs in one process: torchrun / several ranks are supported by the pairwise "
+                         "trainer (dpo, orpo, simpo, cpo, reward) only")
+    lock, run = OutputDirLock(config.output_dir), None
+    try:
+        run = setup_ppo(config, model_config, reward_fn=reward_fn, prompts=prompts, eval_prompts=eval_prompts,
+                        lock=lock)
+        return ppo_loop(run)
+    except KeyboardInterrupt:
+        raise Interrupted(run.step if run is not None else None, config.output_dir) from None
+    finally:
+        lock.release()
+
+
+def ppo_loop(run: PPORun) -> dict[str, Any]:
+    """Steps from run.start_step to max_steps, with metrics and checkpoints when due; the mean reward
+    of the evaluation prompts before and after; the saved model (see train_ppo)."""
     config = run.config
     eval_seed = config.seed + 12345
     before = evaluate(run, use_reference=True, seed=eval_seed)
@@ -189,6 +223,7 @@ def train_ppo(
         for step in range(run.start_step, config.max_steps):
             done = step + 1
             step_stats = ppo_step(run, step)
+            run.step = done
             if done % config.logging_steps == 0 or done == config.max_steps:
                 run.logger.log(step_stats, step=done)
             bar.update(reward=step_stats["env/reward_mean"], kl=step_stats["objective/kl"])
@@ -196,11 +231,12 @@ def train_ppo(
                 save_training_checkpoint(
                     config.output_dir, done, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
                     data_state={"prompts_seen": done * config.per_device_train_batch_size, "seed": config.seed},
-                    metadata={"kl_coef": run.kl_controller.value, "config": dataclasses.asdict(config)},
+                    metadata={"kl_coef": run.kl_controller.value, "run": run.record},
                     save_total_limit=config.save_total_limit)
         after = evaluate(run, use_reference=False, seed=eval_seed)
         final = {"eval/reward_before": before["reward_mean"], "eval/reward_after": after["reward_mean"],
-                 "eval/kl_after": after["kl"], "eval/num_prompts": len(run.eval_prompts)}
+                 "eval/kl_after": after["kl"], "eval/num_prompts": len(run.eval_prompts),
+                 "eval/held_out": float(run.eval_held_out)}
         run.logger.log(final, step=config.max_steps)
     output_dir = Path(config.output_dir)
     save_model(run.model.policy, run.tokenizer, output_dir / "final")
@@ -223,7 +259,7 @@ def ppo_step(run: PPORun, step: int) -> dict[str, float]:
     stats.update(ppo_update(run, rollout, old_logprobs, targets, step))  # 5
     run.kl_controller.update(stats["objective/kl"], len(prompts))  # 6
     stats["learning_rate"] = run.scheduler.get_last_lr()[0]
-    run.scheduler.step()
+    step_scheduler(run.scheduler)
     elapsed = time.perf_counter() - started
     tokens = int(rollout.query_mask.sum()) + int(rollout.response_mask.sum())
     stats.update({"tokens_per_second": tokens / elapsed, "time/ppo/total": elapsed})
@@ -236,17 +272,24 @@ def ppo_step(run: PPORun, step: int) -> dict[str, float]:
 
 
 def setup_ppo(config: PPOConfig, model_config: ModelConfig, *, reward_fn: RewardFunction | None = None,
-              prompts: Sequence[str] | Any | None = None, eval_prompts: Sequence[str] | Any | None = None) -> PPORun:
-    """Build the run: prompts, policy with its value head, reference, reward, optimizer, resume, logger."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would run its own PPO into the same output_dir
-        raise ValueError("PPO runs in one process: torchrun / several ranks are supported by the pairwise "
-                         "trainer (dpo, orpo, simpo, cpo, reward) only")
+              prompts: Sequence[str] | Any | None = None, eval_prompts: Sequence[str] | Any | None = None,
+              lock: OutputDirLock | None = None) -> PPORun:
+    """Build the run: the output folder checked and locked, prompts, policy with its value head,
+    reference, reward, optimizer, resume; last (once all of that is validated) the folder claimed."""
+    checkpoint = checkpoint_to_resume(config.resume_from_checkpoint, config.output_dir)
+    restarting = checkpoint is None and resume_requested(config.resume_from_checkpoint)
+    if lock is not None:
+        lock.check_free()
+    check_output_dir(config.output_dir, resuming=checkpoint is not None, overwrite=config.overwrite_output_dir,
+                     restarting=restarting)
     demo = model_config.model_name_or_path is None
+    eval_held_out = eval_prompts is not None or config.eval_dataset is not None
     if demo:
         config, model_config = ppo_embedded_default(config, model_config)
         if prompts is None and config.dataset is None:
             prompts = demo_prompts(TRAIN_FILE)
             eval_prompts = eval_prompts if eval_prompts is not None else demo_prompts(HELDOUT_FILE)
+            eval_held_out = True
 
     set_seed(config.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -277,17 +320,34 @@ def setup_ppo(config: PPOConfig, model_config: ModelConfig, *, reward_fn: Reward
                                num_warmup_steps=config.warmup_steps)
     kl_controller = (AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
                      if config.adap_kl_ctrl else FixedKLController(config.init_kl_coef))
+    record = run_record("ppo", config, model_config, data=_prompts_fingerprint(prompts))
     start_step = 0
-    checkpoint = checkpoint_to_resume(config.resume_from_checkpoint, config.output_dir)
+    if restarting and not config.overwrite_output_dir:
+        check_restart(config.output_dir, record)
     if checkpoint is not None:
+        check_same_run(read_trainer_state(checkpoint)["metadata"].get("run"), record, checkpoint)
         state = resume_training(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
         start_step = state["step"]
         kl_controller.value = float(state["metadata"]["kl_coef"])
+    if lock is not None:  # the first write: the folder is locked now
+        lock.acquire()
+    if checkpoint is None:
+        moved = claim_output_dir(config.output_dir, overwrite=config.overwrite_output_dir)
+        if moved is not None:
+            print(f"overwrite_output_dir: the previous run's files in {config.output_dir} were moved to {moved}")
     logger = MetricsLogger(config.output_dir, resume_step=start_step if checkpoint is not None else None)
+    write_text_atomic(Path(config.output_dir) / "config.json", json.dumps(
+        {"objective": "ppo", "ppo": dataclasses.asdict(config), "model": portable_settings(model_config),
+         "world_size": 1, "run": record}, indent=2, default=str))
     guard = NonFiniteGuard(config.on_nonfinite, lambda record, step: logger.log(record, step=step))
     return PPORun(config, model_config, model, tokenizer, reference, reward, device, prompts, eval_prompts,
-                  SeededSampler(len(prompts), seed=config.seed), optimizer, scheduler, kl_controller, guard, logger,
-                  start_step)
+                  eval_held_out, SeededSampler(len(prompts), seed=config.seed), optimizer, scheduler, kl_controller,
+                  guard, logger, start_step, record, start_step)
+
+
+def _prompts_fingerprint(prompts: list[str]) -> str:
+    """sha256 (16 hex digits) of the training prompts, in order."""
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
 
 
 def _max_new_tokens(config: PPOConfig, step: int) -> int:

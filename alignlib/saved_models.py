@@ -21,12 +21,14 @@ from typing import Any
 
 import torch
 
-from alignlib.checkpoint import atomic_directory
+from alignlib.checkpoint import MANIFEST_FILE, atomic_directory, trainable_state_dict, validate_checkpoint
 from alignlib.models import (
     DTYPES,
+    ModelConfig,
     is_peft_model,
     is_quantized,
     keep_4bit_weights_trainable_on_cpu,
+    load_causal_lm,
     load_tokenizer,
     local_dir,
 )
@@ -59,6 +61,8 @@ def save_model(model: Any, tokenizer: Any, output_dir: str | os.PathLike, *, mer
                 _merged_copy(model, tmp).save_pretrained(tmp)
             else:
                 model.save_pretrained(tmp)
+                if is_peft:
+                    _record_base_as_absolute_path(tmp / "adapter_config.json")
                 if is_peft and is_quantized(model.get_base_model()):
                     (tmp / BASE_QUANTIZATION_FILE).write_text(json.dumps(_quantization_dict(model.get_base_model())))
             if tokenizer is not None:
@@ -72,6 +76,18 @@ def save_model(model: Any, tokenizer: Any, output_dir: str | os.PathLike, *, mer
 
 # Saved beside an adapter trained over a quantised base, so it is reloaded over the same base.
 BASE_QUANTIZATION_FILE = "base_quantization_config.json"
+
+
+def _record_base_as_absolute_path(adapter_config: Path) -> None:
+    """peft records the base model's path as it was typed (--model ../tiny): make a local one
+    absolute, so the adapter loads from any working directory. A Hub id stays as it is."""
+    if not adapter_config.is_file():
+        return
+    config = json.loads(adapter_config.read_text())
+    base = config.get("base_model_name_or_path")
+    if base and os.path.isdir(base) and not os.path.isabs(base):
+        config["base_model_name_or_path"] = os.path.abspath(base)
+        adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def _quantization_dict(model: torch.nn.Module) -> dict:
@@ -135,24 +151,34 @@ def _dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
 
 def load_for_generation(path: str | os.PathLike, *, dtype: str = "auto",
                         base_model_name_or_path: str | os.PathLike | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) from a full model directory or a LoRA adapter directory, in eval mode.
+    """(model, tokenizer) from a full model directory, a LoRA adapter directory or a checkpoint
+    folder (output_dir/checkpoint-N of a run), in eval mode.
 
     An adapter directory (adapter_config.json) is loaded over its base model, read from
     adapter_config.json's base_model_name_or_path unless `base_model_name_or_path` is given.
-    An adapter trained on a different base (other shapes) raises ValueError. The tokenizer is
+    An adapter trained on a different base (other shapes) raises ValueError. A checkpoint is
+    loaded into the model its run started from (the run's config.json). The tokenizer is
     taken from `path` when saved there, else from the base model; None when neither has one.
+    A reward model (a sequence classifier) is refused: it scores text, it does not write any.
     """
     from transformers import AutoModelForCausalLM
 
     path = str(path)
+    if os.path.isfile(path):
+        raise NotADirectoryError(f"model path {path} is a file: give the folder of a model, adapter or checkpoint")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model path {path} does not exist")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if (Path(path) / MANIFEST_FILE).is_file():
+        return _load_checkpoint_for_generation(Path(path))
     adapter_config = Path(path) / "adapter_config.json"
     if not adapter_config.is_file():
+        _refuse_reward_model(local_dir(path), path)
         model = AutoModelForCausalLM.from_pretrained(local_dir(path), dtype=DTYPES[dtype])
         return model.eval(), load_tokenizer(path) if _has_tokenizer(path) else None
+    if json.loads(adapter_config.read_text()).get("task_type") == "SEQ_CLS":
+        raise ValueError(f"{path} holds a reward model's adapter (task SEQ_CLS): it scores text and cannot generate")
 
     from peft import PeftModel
 
@@ -181,6 +207,38 @@ def load_for_generation(path: str | os.PathLike, *, dtype: str = "auto",
     _require_matching_adapter_keys(model, Path(path), base_path)
     tokenizer_path = path if _has_tokenizer(path) else base_path
     return model.eval(), load_tokenizer(tokenizer_path) if _has_tokenizer(tokenizer_path) else None
+
+
+def _refuse_reward_model(model_dir: str, given: str) -> None:
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if any(name.endswith("ForSequenceClassification") for name in config.get("architectures") or []):
+        raise ValueError(f"{given} holds a reward model (a sequence classifier): it scores text and cannot generate")
+
+
+def _load_checkpoint_for_generation(path: Path) -> tuple[Any, Any]:
+    """A checkpoint-N folder of a run: the run's starting model (its config.json), with the
+    checkpoint's trained weights (the adapter, or all weights) loaded into it."""
+    run_config_file = path.parent / "config.json"
+    if not run_config_file.is_file():
+        raise FileNotFoundError(f"checkpoint {path}: its run's config.json ({run_config_file}) is missing, so the model "
+                                "it was trained from is unknown")
+    run_config = json.loads(run_config_file.read_text())
+    if run_config.get("objective") == "reward":
+        raise ValueError(f"{path} is a checkpoint of a reward model: it scores text and cannot generate")
+    model_cfg = ModelConfig(**run_config["model"])
+    model = load_causal_lm(model_cfg)
+    problem = validate_checkpoint(path)
+    if problem is not None:
+        raise ValueError(f"checkpoint {path} is incomplete or corrupt: {problem}")
+    saved = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    if run_config.get("objective") == "ppo":  # the policy beside its value head
+        saved = {key.removeprefix("policy."): value for key, value in saved.items() if key.startswith("policy.")}
+    expected = trainable_state_dict(model)
+    if set(saved) != set(expected):
+        raise ValueError(f"checkpoint {path} does not fit the model of its run's config.json "
+                         f"({model_cfg.model_name_or_path})")
+    model.load_state_dict(saved, strict=False)
+    return model.eval(), load_tokenizer(model_cfg.model_name_or_path)
 
 
 def _require_matching_adapter_keys(model: Any, adapter_dir: Path, base_path: str) -> None:

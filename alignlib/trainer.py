@@ -45,9 +45,10 @@ from typing import Any
 
 import torch
 
-from alignlib.checkpoint import write_text_atomic
+from alignlib.checkpoint import read_trainer_state, write_text_atomic
 from alignlib.configs import PAIRWISE_OBJECTIVES, TrainConfig
 from alignlib.data import (
+    TOKENIZED_COLUMNS,
     PreferenceCollator,
     check_token_ids,
     load_preference_dataset,
@@ -80,18 +81,32 @@ from alignlib.models import (
     make_reference,
 )
 from alignlib.objectives import BatchTerms, PolicyOutputs, nll_weight, pairwise_terms
+from alignlib.run_folder import (
+    OutputDirLock,
+    check_output_dir,
+    check_restart,
+    check_same_run,
+    claim_output_dir,
+    dataset_fingerprint,
+    portable_settings,
+    run_record,
+)
 from alignlib.saved_models import save_model
 from alignlib.training import (
+    Interrupted,
     NonFiniteGuard,
     Schedule,
+    check_devices,
     checkpoint_to_resume,
     clip_grad_norm,
     make_optimizer,
     make_scheduler,
     rank_batches,
+    resume_requested,
     resume_training,
     save_training_checkpoint,
     set_seed,
+    step_scheduler,
 )
 
 __all__ = ["OBJECTIVES", "Run", "StepResult", "TrainConfig", "TrainResult", "setup", "train", "train_step"]
@@ -137,6 +152,8 @@ class Run:
     fsdp_vessel: Callable[[], torch.nn.Module] | None  # FSDP: builds an unsharded copy for checkpoints
     unfuse_lora: Callable[[], None] | None  # use_kernels: routes the LoRA layers back to peft
     started: float
+    record: dict  # what makes this run this run (alignlib.run_folder.run_record), kept in every checkpoint
+    step: int  # optimizer steps done
 
     @property
     def nll_alpha(self) -> float:
@@ -175,11 +192,25 @@ def train(objective: str, cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResu
         raise ValueError("no model: give model_name_or_path (--model PATH)")
     if not cfg.dataset_name:
         raise ValueError("no dataset: give dataset_name (--dataset PATH)")
+    check_devices(bf16=cfg.bf16, fsdp=cfg.fsdp)
     processes = setup_processes()
+    lock = OutputDirLock(cfg.output_dir)
+    run = None
     try:
-        run = setup(objective, cfg, model_cfg, processes)
+        # Nothing is written before everything is validated: the folder is checked here (another run's
+        # files, a run holding its lock), and locked and claimed (another run moved aside, config.json
+        # and metrics.jsonl written) at the end of setup.
+        checkpoint = checkpoint_to_resume(cfg.resume_from_checkpoint, cfg.output_dir, verbose=processes.is_main)
+        restarting = checkpoint is None and resume_requested(cfg.resume_from_checkpoint)
+        run_on_main(lock.check_free, processes)
+        run_on_main(lambda: check_output_dir(cfg.output_dir, resuming=checkpoint is not None,
+                                             overwrite=cfg.overwrite_output_dir, restarting=restarting), processes)
+        run = setup(objective, cfg, model_cfg, processes, checkpoint=checkpoint, lock=lock)
         return train_loop(run)
+    except KeyboardInterrupt:
+        raise Interrupted(run.step if run is not None else None, cfg.output_dir) from None
     finally:
+        lock.release()
         # DDP's wrapper sits in reference cycles (its hooks): collect it while the process group
         # still exists, not at interpreter exit after destroy_process_group (gloo then aborts).
         gc.collect()
@@ -198,6 +229,7 @@ def train_loop(run: Run) -> TrainResult:
         for step in range(run.start_step, run.total_steps):
             done, last = step + 1, step + 1 == run.total_steps
             result = train_step(run, step)
+            run.step = done
             window.tokens.add(result.tokens)
             if result.updated:
                 window.add(result.metric_sums, loss=result.loss, pairs=result.pairs, local_pairs=result.local_pairs,
@@ -263,7 +295,7 @@ def train_step(run: Run, step: int) -> StepResult:
     updated = run.guard.allows(step + 1, loss_value, grad_norm)
     if updated:
         run.optimizer.step()
-    run.scheduler.step()
+    step_scheduler(run.scheduler)
     run.optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_value, grad_norm, updated, metric_sums, n_pairs, sum(map(len, mine)), tokens)
 
@@ -292,8 +324,10 @@ def _add_metrics(sums: dict[str, float], terms: BatchTerms, n_pairs: int, n_chos
 # ----------------------------------------------------------------------------------------------
 
 
-def setup(objective: str, cfg: TrainConfig, model_cfg: ModelConfig, processes: Processes = SINGLE_PROCESS) -> Run:
-    """Build the run: data, model, reference, wrapping, optimizer, resume, logger (in that order)."""
+def setup(objective: str, cfg: TrainConfig, model_cfg: ModelConfig, processes: Processes = SINGLE_PROCESS, *,
+          checkpoint: Path | None = None, lock: OutputDirLock | None = None) -> Run:
+    """Build the run: data, model, reference, wrapping, optimizer, resume from `checkpoint`, and
+    last (once all of that has been validated) the output folder and its logger."""
     started = time.perf_counter()
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(model_cfg.model_name_or_path, revision=model_cfg.model_revision, what="model")
@@ -333,19 +367,21 @@ def setup(objective: str, cfg: TrainConfig, model_cfg: ModelConfig, processes: P
                                warmup_ratio=None if cfg.warmup_steps else cfg.warmup_ratio)
     fsdp_vessel = (lambda: _fresh_model(objective, model_cfg, tokenizer)) if cfg.fsdp else None
 
+    record = run_record(objective, cfg, model_cfg, data=dataset_fingerprint(train_set, TOKENIZED_COLUMNS),
+                        world_size=processes.world_size)
     start_step = 0
-    checkpoint = checkpoint_to_resume(cfg.resume_from_checkpoint, cfg.output_dir, verbose=processes.is_main)
+    if checkpoint is None and resume_requested(cfg.resume_from_checkpoint) and not cfg.overwrite_output_dir:
+        run_on_main(lambda: check_restart(cfg.output_dir, record), processes)
     if checkpoint is not None:
+        check_same_run(read_trainer_state(checkpoint)["metadata"].get("run"), record, checkpoint,
+                       verbose=processes.is_main)
         state = resume_training(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler,
                                 processes=processes, fsdp_vessel=fsdp_vessel)
         start_step = state["step"]
         if processes.is_main:
             print(f"resumed from {checkpoint} at step {start_step}", flush=True)
-    logger = MetricsLogger(cfg.output_dir, resume_step=start_step if checkpoint is not None else None)
-    if processes.is_main:
-        write_text_atomic(Path(cfg.output_dir) / "config.json", json.dumps(
-            {"objective": objective, "train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
-             "world_size": processes.world_size}, indent=2, default=str))
+    logger = _claim_output_dir(objective, cfg, model_cfg, processes, resume_step=start_step if checkpoint else None,
+                               lock=lock, record=record)
 
     return Run(
         objective=objective, cfg=cfg, processes=processes, tokenizer=tokenizer, train_set=train_set,
@@ -355,8 +391,27 @@ def setup(objective: str, cfg: TrainConfig, model_cfg: ModelConfig, processes: P
         guard=NonFiniteGuard(cfg.on_nonfinite, lambda record, step: logger.log(record, step=step),
                              verbose=processes.is_main),
         logger=logger, start_step=start_step, device=device, fsdp_vessel=fsdp_vessel, unfuse_lora=unfuse_lora,
-        started=started,
+        started=started, record=record, step=start_step,
     )
+
+
+def _claim_output_dir(objective: str, cfg: TrainConfig, model_cfg: ModelConfig, processes: Processes,
+                      resume_step: int | None, lock: OutputDirLock | None, record: dict) -> MetricsLogger:
+    """The first writes of the run, once everything is validated: the folder locked, another run's
+    files moved aside (overwrite_output_dir), metrics.jsonl started (or trimmed to the resumed
+    step), config.json."""
+    if lock is not None:
+        run_on_main(lock.acquire, processes)
+    if resume_step is None and processes.is_main:
+        moved = claim_output_dir(cfg.output_dir, overwrite=cfg.overwrite_output_dir)
+        if moved is not None:
+            print(f"overwrite_output_dir: the previous run's files in {cfg.output_dir} were moved to {moved}", flush=True)
+    logger = MetricsLogger(cfg.output_dir, resume_step=resume_step)
+    if processes.is_main:
+        write_text_atomic(Path(cfg.output_dir) / "config.json", json.dumps(
+            {"objective": objective, "train": dataclasses.asdict(cfg), "model": portable_settings(model_cfg),
+             "world_size": processes.world_size, "run": record}, indent=2, default=str))
+    return logger
 
 
 def _load_datasets(cfg: TrainConfig, tokenizer, processes: Processes):
@@ -501,7 +556,7 @@ def save_run_checkpoint(run: Run, step: int) -> None:
     save_training_checkpoint(
         run.cfg.output_dir, step, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
         processes=run.processes, epoch=run.epoch(step), data_state={"step": step, "seed": run.cfg.seed},
-        metadata={"objective": run.objective}, save_total_limit=run.cfg.save_total_limit,
+        metadata={"objective": run.objective, "run": run.record}, save_total_limit=run.cfg.save_total_limit,
         fsdp_vessel=run.fsdp_vessel)
 
 

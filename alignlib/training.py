@@ -19,6 +19,8 @@ metrics.jsonl and progress are alignlib.metrics'.
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,19 +50,23 @@ from alignlib.distributed import (
 
 __all__ = [
     "MAX_SKIPPED_IN_A_ROW",
+    "Interrupted",
     "OPTIMIZER_NAMES",
     "NonFiniteGuard",
     "Schedule",
     "SeededSampler",
+    "check_devices",
     "checkpoint_to_resume",
     "clip_grad_norm",
     "finite_or_poisoned",
     "make_optimizer",
     "make_scheduler",
     "rank_batches",
+    "resume_requested",
     "resume_training",
     "save_training_checkpoint",
     "set_seed",
+    "step_scheduler",
 ]
 
 
@@ -325,12 +331,54 @@ def finite_or_poisoned(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return finite, values.sum() * 0.0
 
 
+def step_scheduler(scheduler: Any) -> None:
+    """scheduler.step() once per step, also after a skipped update, so the schedule follows the step
+    count. torch warns when that happens before the first optimizer step (a skipped first step);
+    here it is meant, so the warning is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        scheduler.step()
+
+
 def clip_grad_norm(params: list[torch.Tensor], max_grad_norm: float | None) -> float:
     """The gradient norm over all ranks, as a float, after clipping to max_grad_norm (None or <= 0: no clip)."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm and max_grad_norm > 0 else math.inf)
     if hasattr(norm, "full_tensor"):  # FSDP: a replicated DTensor
         norm = norm.full_tensor()
     return float(norm)
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices, interruptions
+# ----------------------------------------------------------------------------------------------
+
+
+def check_devices(*, bf16: bool = False, fsdp: bool = False) -> None:
+    """Refuse settings this machine cannot honour, before anything is loaded: bf16 without a GPU
+    that has it, FSDP without torchrun's processes."""
+    if bf16:
+        if not torch.cuda.is_available():
+            raise ValueError("bf16: bf16 mixed precision runs on a CUDA GPU and this machine has none; drop --bf16")
+        if not torch.cuda.is_bf16_supported():
+            raise ValueError(f"bf16: {torch.cuda.get_device_name()} has no bf16 arithmetic; drop --bf16")
+    if fsdp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise ValueError("fsdp: FSDP shards the model across torchrun's processes and this is one process; start "
+                         "it with torchrun --nproc_per_node N, or drop --fsdp")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, as one line: the step reached and how to go on from the newest
+    complete checkpoint (which an interrupted save never damages)."""
+
+    def __init__(self, step: int | None, output_dir: str | Path) -> None:
+        latest = find_latest_checkpoint(output_dir, verify_hashes=False) if Path(output_dir).is_dir() else None
+        where = "before the first step" if step is None else f"at step {step}"
+        if latest is not None:
+            how = f"{latest.name} is the newest complete checkpoint: resume with --resume_from_checkpoint latest"
+        else:
+            how = "no checkpoint was saved: start again (with --overwrite_output_dir true if the folder holds its files)"
+        super().__init__(f"interrupted {where}; {how}")
+        self.step, self.checkpoint = step, latest
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,6 +389,11 @@ _LATEST = ("latest", "true")  # "true" is the older PPO spelling (and YAML's `tr
 _NONE = ("", "none", "false")
 
 
+def resume_requested(spec: str | Path | bool | None) -> bool:
+    """Whether `resume_from_checkpoint` asks to resume at all (None, "", "none", "false" do not)."""
+    return not (spec is None or spec is False or str(spec).strip().lower() in _NONE)
+
+
 def checkpoint_to_resume(spec: str | Path | bool | None, output_dir: str | Path, *, verbose: bool = True) -> Path | None:
     """`resume_from_checkpoint` as a checkpoint directory, or None for a fresh start.
 
@@ -348,7 +401,7 @@ def checkpoint_to_resume(spec: str | Path | bool | None, output_dir: str | Path,
     checkpoint in output_dir (`checkpoint.find_latest_checkpoint`); with none there, a fresh
     start, said in one printed line. Anything else: a checkpoint directory, which must exist.
     """
-    if spec is None or spec is False or str(spec).strip().lower() in _NONE:
+    if not resume_requested(spec):
         return None
     if spec is True or str(spec).strip().lower() in _LATEST:
         found = find_latest_checkpoint(output_dir)

@@ -26,6 +26,7 @@ LAYERS = {
     "alignlib.logprobs": 1,
     "alignlib.configs": 1,
     "alignlib.checkpoint": 1,
+    "alignlib.run_folder": 1,
     "alignlib.data": 2,
     "alignlib.objectives": 3,
     "alignlib.rewards": 2,

@@ -91,6 +91,17 @@ def bad_input_cases(workdir: Path) -> dict[str, tuple[list[str], dict | None, in
     write_pairs(bad / "long_prompts.jsonl", [dict(row, prompt="how " * 40 + row["prompt"]) for row in rows])
     (bad / "no_prompt_cut.yaml").write_text("max_prompt_length: null\nmax_length: 16\n")
     (bad / "unknown_key.yaml").write_text("learning_rate: 0.001\nbogus_key: 3\n")
+    (bad / "broken.yaml").write_text("learning_rate: [0.001\nbeta: 0.1\n")
+    (bad / "scalar.yaml").write_text("just some words\n")
+    (bad / "not_a_model").mkdir(exist_ok=True)
+    (bad / "not_a_model" / "config.json").write_text('{"model_type": "llama"}')
+    (bad / "not_a_model" / "notes.txt").write_text("not a model\n")
+    conversation = [{"role": "user", "content": "how do i fix a boat ?"}, {"role": "assistant", "content": "step by step"}]
+    write_pairs(bad / "other_user_turns.jsonl", [
+        {"chosen": conversation, "rejected": [{"role": "user", "content": "how do i paint a door ?"},
+                                              {"role": "assistant", "content": "no"}]},
+        {"chosen": conversation, "rejected": conversation[:1] + [{"role": "assistant", "content": "no"}]},
+    ])
     shim = bad / "no_bitsandbytes" / "bitsandbytes"
     shim.mkdir(parents=True, exist_ok=True)
     (shim / "__init__.py").write_text("raise ImportError('No module named bitsandbytes (test shim)')\n")
@@ -101,12 +112,12 @@ def bad_input_cases(workdir: Path) -> dict[str, tuple[list[str], dict | None, in
                                  ("nope.jsonl", "not found")),
         "dataset empty": (["--model", model, "--dataset", str(bad / "empty.jsonl")], None, 1, ("empty",)),
         "row without a field": (["--model", model, "--dataset", str(bad / "missing_field.jsonl")], None, 1,
-                                ("row 1", "'rejected'", "missing")),
+                                ("row 2", "'rejected'", "missing")),
         "numbers for text": (["--model", model, "--dataset", str(bad / "numbers.jsonl")], None, 1,
-                             ("row 0", "'chosen'", "must be a string")),
+                             ("row 1", "'chosen'", "must be a string")),
         # One bad row among good ones: the error must name the bad row, not a good one.
         "one row with a list": (["--model", model, "--dataset", str(bad / "one_list.jsonl")], None, 1,
-                                ("row 1", "'chosen'")),
+                                ("row 2", "'chosen'")),
         # max_prompt_length null: prompts are not cut, and none leaves room for a response.
         "prompts longer than max_length": (["--model", model, "--dataset", str(bad / "long_prompts.jsonl"),
                                             "--config", str(bad / "no_prompt_cut.yaml")], None, 1,
@@ -122,13 +133,35 @@ def bad_input_cases(workdir: Path) -> dict[str, tuple[list[str], dict | None, in
         "unknown loss_type": ([*runnable, "--loss_type", "bogus"], None, 1, ("loss_type", "'bogus'", "sigmoid")),
         "resume from nowhere": ([*runnable, "--resume_from_checkpoint", str(bad / "nowhere")], None, 1,
                                 ("resume_from_checkpoint", "nowhere")),
+        # Errors that pointed the wrong way or were a traceback (issue 17, item 6)
+        "--config not valid YAML": ([*runnable, "--config", str(bad / "broken.yaml")], None, 1,
+                                    ("broken.yaml", "not valid YAML", "line 2")),
+        "--config holding a scalar": ([*runnable, "--config", str(bad / "scalar.yaml")], None, 1,
+                                      ("scalar.yaml", "mapping of setting: value", "str")),
+        "a folder that is not a model": ([*runnable, "--model", str(bad / "not_a_model")], None, 1,
+                                         ("not_a_model", "holds no tokenizer")),
+        "a model path that is a file": ([*runnable, "--model", pairs], None, 1, ("pairs.jsonl", "is a file")),
+        # Settings that were accepted and ignored (item 7)
+        "--bf16 on a CPU": ([*runnable, "--bf16", "true"], None, 1, ("bf16", "CUDA")),
+        "--fsdp without torchrun": ([*runnable, "--fsdp", "true"], None, 1, ("fsdp", "torchrun")),
+        "--max_grad_norm -1": ([*runnable, "--max_grad_norm", "-1"], None, 1, ("max_grad_norm", "-1")),
+        "--save_steps -5": ([*runnable, "--save_steps", "-5"], None, 1, ("save_steps", "-5")),
+        "a flag prefix": ([*runnable, "--learning-rat", "0.1"], None, 2, ("unrecognized arguments", "--learning-rat")),
+        "conversations with other user turns": (["--model", model, "--dataset", str(bad / "other_user_turns.jsonl")],
+                                                None, 1, ("row 1", "differ before their answers")),
+        "a loss option of another objective": ([*runnable, "--center_rewards_coefficient", "0.01"], None, 1,
+                                               ("center_rewards_coefficient", "dpo")),
     }
 
 
 BAD_INPUT_NAMES = ("dataset file missing", "dataset empty", "row without a field", "numbers for text",
                    "one row with a list", "prompts longer than max_length", "model path missing", "unknown flag",
                    "unknown key in --config", "--config file missing", "load_in_4bit without bitsandbytes",
-                   "unknown loss_type", "resume from nowhere")
+                   "unknown loss_type", "resume from nowhere", "--config not valid YAML", "--config holding a scalar",
+                   "a folder that is not a model", "a model path that is a file", "--bf16 on a CPU",
+                   "--fsdp without torchrun", "--max_grad_norm -1", "--save_steps -5", "a flag prefix",
+                   "conversations with other user turns", "a loss option of another objective")
+AT_ONCE = 8  # bad-input commands running together (each spends most of its time importing torch)
 
 
 @pytest.fixture(scope="module")
@@ -138,13 +171,14 @@ def bad_input_results(workdir) -> dict:
     cases = bad_input_cases(workdir)
     assert set(cases) == set(BAD_INPUT_NAMES)
     cwd = workdir / "bad"
-    running = {name: subprocess.Popen(alignlib_command("train", "dpo", *args), cwd=cwd, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-               for name, (args, env, _, _) in cases.items()}
-    results = {}
-    for name, process in running.items():
-        stdout, stderr = process.communicate(timeout=600)
-        results[name] = (cases[name][2], cases[name][3], process.returncode, stdout, stderr)
+    names, results = list(cases), {}
+    for first in range(0, len(names), AT_ONCE):
+        running = {name: subprocess.Popen(alignlib_command("train", "dpo", *cases[name][0]), cwd=cwd,
+                                          env=cases[name][1], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                   for name in names[first:first + AT_ONCE]}
+        for name, process in running.items():
+            stdout, stderr = process.communicate(timeout=600)
+            results[name] = (cases[name][2], cases[name][3], process.returncode, stdout, stderr)
     return results
 
 
@@ -285,7 +319,7 @@ def test_embedded_default_learns_on_held_out_pairs(demo_run):
 def test_embedded_default_writes_model_metrics_and_curves(demo_run):
     cwd, done, *_ = demo_run
     assert done.returncode == 0, done.stderr[-2000:]
-    output_dir = cwd / "alignlib-demo-dpo"
+    output_dir = cwd / "alignlib-demo" / "dpo"
     assert (output_dir / "final" / "config.json").is_file()
     assert (output_dir / "final" / "model.safetensors").is_file()
     assert (output_dir / "final" / "tokenizer.json").is_file()
@@ -310,8 +344,8 @@ def test_generate_prints_a_completion_from_the_trained_demo(demo_run):
     cwd, done, *_ = demo_run
     assert done.returncode == 0, done.stderr[-2000:]
     prompt = "how do i paint a chair ?"
-    assert f'alignlib generate --model alignlib-demo-dpo/final --prompt "{prompt}"' in done.stdout
-    generated = run_alignlib("generate", "--model", "alignlib-demo-dpo/final", "--prompt", prompt, cwd=cwd)
+    assert f'alignlib generate --model alignlib-demo/dpo/final --prompt "{prompt}"' in done.stdout
+    generated = run_alignlib("generate", "--model", "alignlib-demo/dpo/final", "--prompt", prompt, cwd=cwd)
     assert generated.returncode == 0, generated.stderr
     assert "Traceback" not in generated.stderr
     text = generated.stdout.strip()
@@ -319,3 +353,63 @@ def test_generate_prints_a_completion_from_the_trained_demo(demo_run):
     answer = text[len(prompt):].strip()
     assert len(answer.split()) >= 3, text
     assert demo.is_helpful(answer), answer
+
+
+# ----------------------------------------------------------------------------------------------
+# alignlib generate: bad settings; first impressions (--help, PPO's summary and folder)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_generate_refuses_bad_sampling_settings_and_a_reward_model(workdir):
+    """Each was accepted before: a negative or NaN temperature, top_p outside (0, 1], and a reward
+    model (a sequence classifier) that "generated" from its base."""
+    from helpers.tiny_llama import tiny_llama
+    from transformers import LlamaForSequenceClassification
+
+    reward_model = workdir / "reward_model"
+    if not reward_model.exists():
+        tiny_llama(model_class=LlamaForSequenceClassification, num_labels=1).save_pretrained(reward_model)
+        demo.load_tokenizer().save_pretrained(reward_model)
+    model = str(workdir / "model")
+    cases = {
+        "negative temperature": (["--model", model, "--temperature", "-1"], ("--temperature", "-1")),
+        "NaN temperature": (["--model", model, "--temperature", "nan"], ("--temperature", "nan")),
+        "top_p 0": (["--model", model, "--top_p", "0"], ("--top_p", "(0, 1]")),
+        "top_p 1.5": (["--model", model, "--top_p", "1.5"], ("--top_p", "1.5")),
+        "no new tokens": (["--model", model, "--max_new_tokens", "0"], ("--max_new_tokens",)),
+        "a reward model": (["--model", str(reward_model)], ("reward model", "cannot generate")),
+    }
+    running = {name: subprocess.Popen(alignlib_command("generate", "--prompt", "how do i fix a boat ?", *args),
+                                      cwd=workdir, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for name, (args, _) in cases.items()}
+    for name, process in running.items():
+        _, stderr = process.communicate(timeout=600)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert process.returncode == 1 and len(lines) == 1 and "Traceback" not in stderr, (name, stderr)
+        missing = [fragment for fragment in cases[name][1] if fragment not in lines[0]]
+        assert not missing, (name, lines[0], missing)
+
+
+def test_help_shows_the_defaults_of_a_run_with_a_model_and_lists_the_demos_apart(workdir):
+    """Before: with no --model on the line, --help showed the demo's defaults as the defaults."""
+    result = run_alignlib("train", "dpo", "--help", cwd=workdir)
+    assert result.returncode == 0
+    help_text = " ".join(result.stdout.split())
+    assert "--max_steps MAX_STEPS, --max-steps MAX_STEPS Optimizer steps; > 0 overrides num_train_epochs. " \
+           "(default: -1)" in help_text
+    assert "Most tokens in prompt + response. (default: 1024)" in help_text
+    assert "Without --model and --dataset (the embedded demo), these defaults change: --max_steps 150" in help_text
+
+
+def test_ppo_says_what_it_evaluated_and_leaves_a_complete_run_folder(workdir, tmp_path):
+    """Before: a "held-out" reward when the first training prompts were evaluated, a KL printed as
+    -0.00, and no config.json."""
+    result = run_alignlib("train", "ppo", "--model", str(workdir / "model"), "--reward", "alignlib.demo:demo_reward",
+                          "--dataset", str(workdir / "pairs.jsonl"), "--output_dir", str(tmp_path / "ppo"),
+                          "--max_steps", "1", "--per_device_train_batch_size", "4", "--mini_batch_size", "4",
+                          "--response_length", "4", "--num_eval_prompts", "4", "--disable_tqdm", "true", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "mean reward on the first 4 training prompts (no --eval_dataset given)" in result.stdout
+    assert "held-out" not in result.stdout and "-0.00" not in result.stdout
+    config = json.loads((tmp_path / "ppo" / "config.json").read_text())
+    assert config["objective"] == "ppo" and config["model"]["model_name_or_path"] == str((workdir / "model").resolve())

@@ -269,7 +269,7 @@ def test_load_prompt_dataset_from_prompts_and_from_pairs():
         )
         assert prompts.column_names == ["prompt"]
         assert prompts["prompt"] == [prompt for prompt, _, _ in expected]
-    with pytest.raises(ValueError, match=r"row 0: field 'prompt'"):
+    with pytest.raises(ValueError, match=r"row 1: field 'prompt'"):
         load_prompt_dataset(Dataset.from_list([{"prompt": None}, {"prompt": "x"}]))
     with pytest.raises(ValueError, match="chat template"):
         load_prompt_dataset(Dataset.from_list([{"prompt": [user("Hi")]}]))
@@ -303,25 +303,25 @@ def _with_row(index, **fields):
             r"needs columns \['question', 'response_j', 'response_k'\]",
         ),
         ([STANDARD_ROW], "hh_rlhf", None, r"unknown format 'hh_rlhf'"),
-        (_with_row(2, prompt=None), "auto", None, r"row 2: field 'prompt' must be a string, got None"),
-        (_with_row(1, rejected=None), "standard", None, r"row 1: field 'rejected'"),
+        (_with_row(2, prompt=None), "auto", None, r"row 3: field 'prompt' must be a string, got None"),
+        (_with_row(1, rejected=None), "standard", None, r"row 2: field 'rejected'"),
         (
             [dict(STANDARD_ROW, margin=1.0), dict(STANDARD_ROW, margin=None)],
             "auto",
             None,
-            r"row 1: field 'margin'",
+            r"row 2: field 'margin'",
         ),
         (
             [dict(STANDARD_ROW, margin=float("nan"))],
             "auto",
             None,
-            r"row 0: field 'margin' must be a finite number",
+            r"row 1: field 'margin' must be a finite number",
         ),
         (
             [{"chosen": [user("a"), assistant("b")], "rejected": [user("a"), {"role": "assistant"}]}],
             "auto",
             "tiny",
-            r"row 0: field 'rejected', message 1 needs string 'role' and 'content'",
+            r"row 1: field 'rejected', message 2 needs string 'role' and 'content'",
         ),
         (
             [{"chosen": [user("a"), assistant("b")], "rejected": [user("a"), assistant("c")]}],
@@ -342,19 +342,19 @@ def _with_row(index, **fields):
             ],
             "auto",
             "tiny",
-            r"row 1: field 'prompt' must be a non-empty list of messages, got None",
+            r"row 2: field 'prompt' must be a non-empty list of messages, got None",
         ),
         (
             [{"system": 3, "question": "q", "chosen": "a", "rejected": "b"}],
             "auto",
             None,
-            r"row 0: field 'system'",
+            r"row 1: field 'system'",
         ),
         (
             [{"question": "q", "response_j": "a", "response_k": None}],
             "auto",
             None,
-            r"row 0: field 'response_k'",
+            r"row 1: field 'response_k'",
         ),
     ],
 )
@@ -371,7 +371,7 @@ def test_bad_input_names_what_is_wrong(rows, format, tokenizer, message):
 def test_a_non_string_field_in_a_file_names_row_and_field(tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_text(json.dumps(STANDARD_ROW) + "\n" + json.dumps(dict(STANDARD_ROW, chosen=5)) + "\n")
-    with pytest.raises(ValueError, match=r"row 1: field 'chosen' must be a string, got int '5'"):
+    with pytest.raises(ValueError, match=r"row 2: field 'chosen' must be a string, got int '5'"):
         load_preference_dataset(str(path))
 
 

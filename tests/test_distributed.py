@@ -180,7 +180,7 @@ def test_resume_on_two_ranks_continues_each_ranks_dropout(model_dir, pairs, tmp_
     # The checkpoint was written by 2 ranks: one process refuses it instead of reading the data in another order.
     model_cfg = ModelConfig(model_name_or_path=model_dir, use_peft=True, lora_r=4, lora_alpha=8,
                             lora_target_modules=["all-linear"])
-    with pytest.raises(ValueError, match="saved by 2 process"):
+    with pytest.raises(ValueError, match="belongs to a different run: the number of processes: 2 then, 1 now"):
         single_process("dpo", tmp_path / "wrong", model_cfg, dataset_name=pairs,
                        resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"),
                        **{**LORA_SETTINGS, "gradient_accumulation_steps": 4})

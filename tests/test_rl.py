@@ -180,9 +180,9 @@ def test_train_ppo_rejects_bad_input(base_model, tmp_path, demo_prompts):
         train_ppo(_tiny_config(tmp_path), model_config, reward_fn=demo_reward, prompts=["how do i fix a door ?",
                                                                                          too_long])
     with pytest.raises(ValueError, match=r"test_rl\.nan_reward returned non-finite"):
-        train_ppo(_tiny_config(tmp_path), model_config, reward_fn=nan_reward, prompts=demo_prompts[0])
+        train_ppo(_tiny_config(tmp_path / "nan"), model_config, reward_fn=nan_reward, prompts=demo_prompts[0])
     with pytest.raises(ValueError, match=r"test_rl\.short_reward returned 3 scores for 4"):
-        train_ppo(_tiny_config(tmp_path), model_config, reward_fn=short_reward, prompts=demo_prompts[0])
+        train_ppo(_tiny_config(tmp_path / "short"), model_config, reward_fn=short_reward, prompts=demo_prompts[0])
     with pytest.raises(ValueError, match="no reward"):
         train_ppo(_tiny_config(tmp_path), model_config, prompts=demo_prompts[0])
 

@@ -63,7 +63,7 @@ class PreferenceCollator:
             label_rows = [row["chosen_labels"] for row in rows] + [row["rejected_labels"] for row in rows]
             for i, row_labels in enumerate(label_rows):
                 if len(row_labels) != len(sequences[i]):
-                    raise ValueError(f"row {i % len(rows)}: labels and input_ids differ in length")
+                    raise ValueError(f"row {i % len(rows) + 1}: labels and input_ids differ in length")
                 labels[i, : len(row_labels)] = torch.tensor(row_labels, dtype=torch.long)
             batch["labels"] = labels
         if "margin" in rows[0]:

@@ -95,18 +95,18 @@ def _describe(value: Any) -> str:
     return "None (missing)" if value is None else f"{type(value).__name__} {str(value)[:40]!r}"
 
 
-def _text(row: dict, field: str, index: int) -> str:
+def _text(row: dict, field: str, number: int) -> str:
     value = row.get(field)
     if not isinstance(value, str):
-        raise ValueError(f"row {index}: field {field!r} must be a string, got {_describe(value)}")
+        raise ValueError(f"row {number}: field {field!r} must be a string, got {_describe(value)}")
     return value
 
 
-def _messages(row: dict, field: str, index: int) -> list[dict[str, str]]:
+def _messages(row: dict, field: str, number: int) -> list[dict[str, str]]:
     value = row.get(field)
     if not isinstance(value, list) or not value:
         raise ValueError(
-            f"row {index}: field {field!r} must be a non-empty list of messages, got {_describe(value)}"
+            f"row {number}: field {field!r} must be a non-empty list of messages, got {_describe(value)}"
         )
     for position, message in enumerate(value):
         if not (
@@ -115,16 +115,16 @@ def _messages(row: dict, field: str, index: int) -> list[dict[str, str]]:
             and isinstance(message.get("content"), str)
         ):
             raise ValueError(
-                f"row {index}: field {field!r}, message {position} needs string 'role' and 'content', "
+                f"row {number}: field {field!r}, message {position + 1} needs string 'role' and 'content', "
                 f"got {str(message)[:80]!r}"
             )
     return [{"role": message["role"], "content": message["content"]} for message in value]
 
 
-def _margin(row: dict, index: int) -> float:
+def _margin(row: dict, number: int) -> float:
     value = row.get("margin")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"row {index}: field 'margin' must be a finite number, got {_describe(value)}")
+        raise ValueError(f"row {number}: field 'margin' must be a finite number, got {_describe(value)}")
     return float(value)
 
 
@@ -137,10 +137,22 @@ def common_prefix_length(a: list | str, b: list | str) -> int:
     return length
 
 
-def _require_chat_template(tokenizer: Any, index: int) -> None:
+def _require_same_prompt(chosen: list[dict], rejected: list[dict], number: int) -> None:
+    """What follows the shared prompt must be the responses: assistant messages only. A user (or
+    system) message there means the two conversations differ before their answers."""
+    for side, messages in (("chosen", chosen), ("rejected", rejected)):
+        other = [m["role"] for m in messages if m["role"] != "assistant"]
+        if other:
+            raise ValueError(
+                f"row {number}: chosen and rejected differ before their answers ({side} has a {other[0]!r} message "
+                "after the messages both share), so they do not answer the same prompt; give both the same prompt "
+                "messages, or a separate 'prompt' column")
+
+
+def _require_chat_template(tokenizer: Any, number: int) -> None:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError(
-            f"row {index}: conversational rows need a tokenizer with a chat template "
+            f"row {number}: conversational rows need a tokenizer with a chat template "
             "(pass tokenizer=... whose chat_template is set)"
         )
 
@@ -172,20 +184,22 @@ def _render_pair(
 def _normalise_row(
     row: dict, index: int, format: str, tokenizer: Any, has_margin: bool, code_version: str = ""
 ) -> dict:
+    number = index + 1  # messages count rows from 1, as files count lines
     if format == "standard":
         out = {
-            "prompt": _text(row, "prompt", index),
-            "chosen": _text(row, "chosen", index),
-            "rejected": _text(row, "rejected", index),
+            "prompt": _text(row, "prompt", number),
+            "chosen": _text(row, "chosen", number),
+            "rejected": _text(row, "rejected", number),
         }
     elif format == "conversational":
-        chosen, rejected = _messages(row, "chosen", index), _messages(row, "rejected", index)
+        chosen, rejected = _messages(row, "chosen", number), _messages(row, "rejected", number)
         if "prompt" in row:  # the data has a prompt column: chosen/rejected are the responses
-            prompt = _messages(row, "prompt", index)
+            prompt = _messages(row, "prompt", number)
         else:  # the shared leading messages are the prompt; each side keeps at least its last message
             shared = min(common_prefix_length(chosen, rejected), len(chosen) - 1, len(rejected) - 1)
             prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
-        _require_chat_template(tokenizer, index)
+            _require_same_prompt(chosen, rejected, number)
+        _require_chat_template(tokenizer, number)
         out = dict(
             zip(
                 ("prompt", "chosen", "rejected"),
@@ -200,14 +214,14 @@ def _normalise_row(
         system = row.get("system") if format == "orca_dpo_pairs" else None
         if system is not None and not isinstance(system, str):
             raise ValueError(
-                f"row {index}: field 'system' must be a string or missing, got {_describe(system)}"
+                f"row {number}: field 'system' must be a string or missing, got {_describe(system)}"
             )
         question, chosen, rejected = (
-            _text(row, field, index) for field in ("question", chosen_field, rejected_field)
+            _text(row, field, number) for field in ("question", chosen_field, rejected_field)
         )
         out = _question_answer_pair(tokenizer, system or "", question, chosen, rejected)
     if has_margin:
-        out["margin"] = _margin(row, index)
+        out["margin"] = _margin(row, number)
     return out
 
 
@@ -229,12 +243,13 @@ def _question_answer_pair(tokenizer: Any, system: str, question: str, chosen: st
 
 
 def _normalise_prompt_row(row: dict, index: int, tokenizer: Any, code_version: str = "") -> dict:
+    number = index + 1  # messages count rows from 1, as files count lines
     value = row.get("prompt")
     if isinstance(value, list):
-        messages = _messages(row, "prompt", index)
-        _require_chat_template(tokenizer, index)
+        messages = _messages(row, "prompt", number)
+        _require_chat_template(tokenizer, number)
         return {"prompt": tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)}
-    return {"prompt": _text(row, "prompt", index)}
+    return {"prompt": _text(row, "prompt", number)}
 
 
 def require_rows(dataset: Dataset, what: str) -> None:

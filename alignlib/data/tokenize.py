@@ -266,7 +266,7 @@ def check_token_ids(dataset: Dataset, vocab_size: int, *, what: str = "dataset")
 
     Args:
         dataset: a tokenized preference Dataset (any filter or select applied is respected;
-            the row reported is its index in `dataset`).
+            the row reported is its position in `dataset`, counted from 1).
         vocab_size: the number of rows of the model's input embedding, e.g.
             `model.get_input_embeddings().num_embeddings`.
         what: how the message names the dataset, e.g. "train dataset".
@@ -296,7 +296,7 @@ def check_token_ids(dataset: Dataset, vocab_size: int, *, what: str = "dataset")
             if not pc.any(outside).as_py():
                 continue
             position = pc.index(outside, True).as_py()
-            row = start + pc.list_parent_indices(lists)[position].as_py()
+            row = start + pc.list_parent_indices(lists)[position].as_py() + 1  # counted from 1
             raise ValueError(
                 f"{what}: row {row} has token id {ids[position].as_py()} in {column}, outside the model's "
                 f"vocabulary of {vocab_size} ids (0..{vocab_size - 1}); the tokenizer does not seem to "

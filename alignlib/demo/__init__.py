@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from alignlib.demo.settings import (
+    OUTPUT_ROOT,
     PPO_LORA_LEARNING_RATE,
     PPO_SETTINGS,
     SAMPLE_PROMPTS,
@@ -40,6 +41,7 @@ from alignlib.demo.settings import (
 __all__ = [
     "CONFIG_FILE",
     "HELDOUT_FILE",
+    "OUTPUT_ROOT",
     "PPO_LORA_LEARNING_RATE",
     "PPO_SETTINGS",
     "SAMPLE_PROMPTS",
@@ -98,15 +100,17 @@ def is_helpful(response: str) -> bool:
 
 
 def prepare_base_model(output_dir: str | Path, *, seed: int = 0, steps: int = 300, batch_size: int = 32,
-                       learning_rate: float = 2e-3, helpful_fraction: float = 0.3) -> Path:
+                       learning_rate: float = 2e-3, helpful_fraction: float = 0.3, show_progress: bool = True) -> Path:
     """Write the demo's base model (and tokenizer) to output_dir, once; return its path.
 
     Supervised warm start: `steps` AdamW steps of next-token loss on the response tokens of
     train.jsonl's prompts, each answered with its chosen response with probability
     `helpful_fraction` and with its rejected one otherwise. Deterministic for a given seed.
-    An existing complete output_dir (it holds demo_base.json) is reused.
+    An existing complete output_dir (it holds demo_base.json) is reused. `show_progress`: a
+    progress bar of the warm start's steps (on stderr).
     """
     from alignlib.logprobs import IGNORE_INDEX, sequence_logprobs
+    from alignlib.metrics import Progress
     from alignlib.saved_models import save_model
 
     output_dir = Path(output_dir)
@@ -121,15 +125,17 @@ def prepare_base_model(output_dir: str | Path, *, seed: int = 0, steps: int = 30
     pairs = read_pairs(TRAIN_FILE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     model.train()
-    for _ in range(steps):
-        rows = rng.sample(pairs, batch_size)
-        texts = [(r["prompt"], r["chosen"] if rng.random() < helpful_fraction else r["rejected"]) for r in rows]
-        input_ids, attention_mask, labels = _encode(tokenizer, texts)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        loss = -sequence_logprobs(logits, labels).sum() / (labels[:, 1:] != IGNORE_INDEX).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    with Progress(steps, desc="alignlib demo: warm start", disable=not show_progress) as bar:
+        for _ in range(steps):
+            rows = rng.sample(pairs, batch_size)
+            texts = [(r["prompt"], r["chosen"] if rng.random() < helpful_fraction else r["rejected"]) for r in rows]
+            input_ids, attention_mask, labels = _encode(tokenizer, texts)
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            loss = -sequence_logprobs(logits, labels).sum() / (labels[:, 1:] != IGNORE_INDEX).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            bar.update(loss=loss.item())
     model.eval()
     save_model(model, tokenizer, output_dir)
     marker.write_text(json.dumps(recipe))

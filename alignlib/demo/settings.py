@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from alignlib.configs import PPOConfig
     from alignlib.models import ModelConfig
 
+OUTPUT_ROOT = "alignlib-demo"
+"""The demo writes into OUTPUT_ROOT/OBJECTIVE/ in the current folder (git-ignored in this repository)."""
+
 # ----------------------------------------------------------------------------------------------
 # Offline objectives: dpo, orpo, simpo, cpo, reward
 # ----------------------------------------------------------------------------------------------
@@ -42,7 +45,7 @@ SAMPLE_PROMPTS = ("how do i fix a boat ?", "which colour does the lemon have ?")
 
 def train_defaults(objective: str) -> dict[str, Any]:
     """The flags' defaults of `alignlib train OBJECTIVE` in the embedded default."""
-    return {**TRAIN_COMMON, **TRAIN_SETTINGS[objective], "output_dir": f"alignlib-demo-{objective}"}
+    return {**TRAIN_COMMON, **TRAIN_SETTINGS[objective], "output_dir": f"{OUTPUT_ROOT}/{objective}"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,7 +72,7 @@ PPO_LORA_LEARNING_RATE = 5e-4
 
 def ppo_defaults() -> dict[str, Any]:
     """The flags' defaults of `alignlib train ppo` in the embedded default."""
-    return {**PPO_SETTINGS, "demo_defaults": False, "output_dir": "alignlib-demo-ppo"}
+    return {**PPO_SETTINGS, "demo_defaults": False, "output_dir": f"{OUTPUT_ROOT}/ppo"}
 
 
 def ppo_demo_config(**overrides: Any) -> PPOConfig:

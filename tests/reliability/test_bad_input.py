@@ -264,7 +264,7 @@ def test_check_token_ids_names_the_first_row_outside_the_vocabulary():
 
     limit = 258
     row, column, token = first_id_at_or_above(tokenized, limit)
-    with pytest.raises(ValueError, match=rf"^train dataset: row {row} has token id {token} in {column}, outside the "
+    with pytest.raises(ValueError, match=rf"^train dataset: row {row + 1} has token id {token} in {column}, outside the "
                                          rf"model's vocabulary of {limit} ids \(0\.\.{limit - 1}\); the tokenizer does "
                                          "not seem to belong to this model"):
         check_token_ids(tokenized, limit, what="train dataset")
@@ -275,10 +275,10 @@ def test_check_token_ids_skips_ignored_labels_and_catches_negative_ids():
     pairs = Dataset.from_dict({"chosen_input_ids": ids, "chosen_labels": [[-100, -100, 6, 2]],
                                "rejected_input_ids": ids, "rejected_labels": [[-100, -100, 6, 2]]})
     check_token_ids(pairs, 7)
-    with pytest.raises(ValueError, match="row 0 has token id 6 in chosen_input_ids"):
+    with pytest.raises(ValueError, match="row 1 has token id 6 in chosen_input_ids"):
         check_token_ids(pairs, 6)
     negative = pairs.map(lambda row: {"rejected_labels": [-100, -1, 6, 2]})
-    with pytest.raises(ValueError, match="row 0 has token id -1 in rejected_labels"):
+    with pytest.raises(ValueError, match="row 1 has token id -1 in rejected_labels"):
         check_token_ids(negative, 7)
     reward_rows = pairs.remove_columns(["chosen_labels", "rejected_labels"])  # no labels: ids are checked
     with pytest.raises(ValueError, match="token id 5 in chosen_input_ids"):
@@ -289,7 +289,7 @@ def test_check_token_ids_reports_rows_of_a_filtered_dataset_and_bad_arguments():
     ids = [[1, 3, 2], [1, 4, 2], [1, 9, 2], [1, 3, 2], [1, 9, 2]]
     pairs = Dataset.from_dict({"chosen_input_ids": ids, "rejected_input_ids": ids})
     kept = pairs.filter(lambda row, i: i != 1, with_indices=True)  # an indices mapping over the table
-    with pytest.raises(ValueError, match="row 1 has token id 9"):  # kept[1] is the original row 2
+    with pytest.raises(ValueError, match="row 2 has token id 9"):  # kept[1] is the original row 3
         check_token_ids(kept, 9)
     check_token_ids(kept.select([0, 2]), 9)  # only [1, 3, 2] rows
     for bad in (0, -3, True, 5.0, None):
@@ -314,7 +314,7 @@ def test_check_token_ids_finds_the_last_bad_id_of_100k_rows():
                       "rejected_input_ids": column(ids), "rejected_labels": column(labels)})
     pairs = Dataset(table)
     check_token_ids(pairs.select(range(rows - 1)), 32_000)
-    with pytest.raises(ValueError, match=f"row {rows - 1} has token id 32000 in chosen_input_ids"):
+    with pytest.raises(ValueError, match=f"row {rows} has token id 32000 in chosen_input_ids"):
         check_token_ids(pairs, 32_000)
 
 

@@ -211,7 +211,8 @@ def checkpoint_steps(output_dir: Path) -> list[int]:
 
 
 def hidden_entries(output_dir: Path) -> list[str]:
-    return sorted(p.name for p in output_dir.iterdir() if p.name.startswith("."))
+    """Hidden leftovers of killed saves; the run folder's lock file (alignlib.run_folder) stays by design."""
+    return sorted(p.name for p in output_dir.iterdir() if p.name.startswith(".") and p.name != ".alignlib.lock")
 
 
 def latest_pointer(output_dir: Path) -> str | None:

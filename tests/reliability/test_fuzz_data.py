@@ -169,7 +169,7 @@ def test_the_pipeline_never_breaks_its_invariants(
     tokenizer = TOKENIZERS[add_bos]
     bad_margin = next((i for i, row in enumerate(rows) if "margin" in row and not math.isfinite(row["margin"])), None)
     if bad_margin is not None:
-        with pytest.raises(ValueError, match=rf"^row {bad_margin}: field 'margin' must be a finite number"):
+        with pytest.raises(ValueError, match=rf"^row {bad_margin + 1}: field 'margin' must be a finite number"):
             load(rows, source, ensure_ascii)
         return
     pairs = load(rows, source, ensure_ascii)
