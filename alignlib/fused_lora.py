@@ -30,7 +30,8 @@ would be wrong or is unsupported:
   than x, extra forward arguments (peft's `adapter_names` mixed batches), forward hooks
   on the wrapped modules, a 4-bit weight without its quant_state or repacked for
   bitsandbytes' CPU kernel, or a device the kernel cannot run on (CPU without
-  TRITON_INTERPRET=1).
+  TRITON_INTERPRET=1) or does not serve (a GPU older than sm_80, where Triton emits no
+  tensor-core instructions: `alignlib.kernels.lora.lora_kernel_serves`, docs/kernels.md).
 Other base layers (bitsandbytes 8-bit, Conv1D with fan_in_fan_out) are not swapped at all.
 """
 
@@ -49,6 +50,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 try:  # triton is a Linux-only dependency
     from alignlib.kernels.logprobs import triton_available_for
     from alignlib.kernels.lora import SUPPORTED_DTYPES, lora_linear
+    from alignlib.kernels.lora_tiles import lora_kernel_serves
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     lora_linear = None
 
@@ -119,6 +121,8 @@ def _fusable_adapter(layer: torch.nn.Module, x: torch.Tensor) -> str | None:
     if any(_has_hooks(module) for module in (base, lora_A, lora_B, dropout)):
         return None
     if not isinstance(x, torch.Tensor) or x.dtype not in SUPPORTED_DTYPES or not triton_available_for(x):
+        return None
+    if not lora_kernel_serves(x):  # sm_7x: peft's own forward (cuBLAS, bitsandbytes), docs/kernels.md
         return None
     if torch.is_autocast_enabled(x.device.type) or not _base_matches(base, x):
         return None

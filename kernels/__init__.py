@@ -15,6 +15,10 @@ picks them on CUDA and the torch reference elsewhere.
 - lora_linear(x, weight, lora_A, lora_B, scaling, bias=None): x W^T + s (x A^T) B^T as one
   GEMM over an extended K (W frozen; dX, dA, dB in backward); W may be a bitsandbytes NF4/FP4
   Params4bit, dequantised tile by tile inside the kernel.
+
+Every launch goes through `launch` (recording, the GPU planned for, the torch fallback when a GPU
+refuses a launch for lack of resources); `python -m alignlib.kernels.targets` compiles every launch
+for sm_75/80/86/90 without a GPU and checks it (docs/kernels.md).
 """
 
 from .reference import IGNORE_INDEX, linear_token_logprobs_torch, lora_linear_torch, token_logprobs_torch

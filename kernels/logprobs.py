@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import is_recording, try_launch
 from .reference import IGNORE_INDEX, RowOps, check_labels, chunked_linear_token_logprobs, token_logprobs_torch
 
 # Widest block of the vocabulary one program loads at a time.
@@ -34,56 +35,110 @@ MAX_BLOCK_V = 4096
 
 
 @triton.jit
+def _load_row_block(row_ptr, cols, lo, hi, other, MASKED: tl.constexpr):
+    """row_ptr[cols] in float32; MASKED keeps lo <= cols < hi (`other` elsewhere), else all are in range."""
+    if MASKED:
+        return tl.load(row_ptr + cols, mask=(cols >= lo) & (cols < hi), other=other).to(tl.float32)
+    else:
+        return tl.load(row_ptr + cols).to(tl.float32)
+
+
+@triton.jit
+def _lse_step(x, m, s):
+    """The online logsumexp: running max m and sum s of exp(x - m), one block of x further."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    return m_new, s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+
+
+@triton.jit
+def _aligned_row(base_ptr, row, row_stride, VEC: tl.constexpr):
+    """A row's start, moved back to a 16-byte boundary: (pointer, lead), the row's entries being
+    pointer[lead : lead + V]. Blocks of the row then start on a boundary, so the loads in the
+    middle of the row are full vector loads whatever V and the row stride are (V = 50257 too)."""
+    offset = row * row_stride
+    lead = offset % VEC
+    return base_ptr + tl.multiple_of(offset - lead, VEC), lead.to(tl.int32)
+
+
+@triton.jit
 def _token_logprobs_fwd(
     logits_ptr, labels_ptr, out_ptr, lse_ptr,
     row_stride, V, ignore_index,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
-    row_start = logits_ptr + row * row_stride
     logp = 0.0
     lse = float("inf")  # ignored rows: backward's softmax exp(x - lse) is then 0 for any finite logit
     if label != ignore_index:
-        m = float("-inf")  # running max
-        s = 0.0  # running sum of exp(x - m)
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            x = tl.load(row_start + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-            m = m_new
+        row_ptr, lead = _aligned_row(logits_ptr, row, row_stride, VEC)
+        end = lead + V
+        cols = tl.arange(0, BLOCK_V)
+        # The first block (masked: it holds the lead), full blocks unmasked, a masked tail.
+        m, s = _lse_step(_load_row_block(row_ptr, cols, lead, end, float("-inf"), True), float("-inf"), 0.0)
+        full_end = end // BLOCK_V * BLOCK_V
+        for start in range(BLOCK_V, full_end, BLOCK_V):
+            m, s = _lse_step(_load_row_block(row_ptr, start + cols, lead, end, float("-inf"), False), m, s)
+        tail = tl.maximum(full_end, BLOCK_V)
+        if tail < end:
+            m, s = _lse_step(_load_row_block(row_ptr, tail + cols, lead, end, float("-inf"), True), m, s)
         lse = m + tl.log(s)
-        logp = tl.load(row_start + label).to(tl.float32) - lse
+        logp = tl.load(logits_ptr + row * row_stride + label).to(tl.float32) - lse
     tl.store(out_ptr + row, logp)
     tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _grad_row_block(row_ptr, grad_row_ptr, cols, lo, hi, label_col, lse, g, MASKED: tl.constexpr):
+    """grad[cols] = g * (onehot - softmax) for one block of a row; cols count from the aligned start,
+    so the label's column is label_col = label + lead (int32: V < 2^31)."""
+    x = _load_row_block(row_ptr, cols, lo, hi, 0.0, MASKED)
+    grad = g * (tl.where(cols == label_col, 1.0, 0.0) - tl.exp(x - lse))
+    grad = grad.to(grad_row_ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(grad_row_ptr + cols, grad, mask=(cols >= lo) & (cols < hi))
+    else:
+        tl.store(grad_row_ptr + cols, grad)
 
 
 @triton.jit
 def _token_logprobs_bwd(
     grad_out_ptr, logits_ptr, labels_ptr, lse_ptr, grad_logits_ptr,
     row_stride, grad_row_stride, V, ignore_index,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr, SAME_STRIDE: tl.constexpr,
 ):
+    """SAME_STRIDE: the gradient rows are laid out as the logits' (row_stride), so its stores
+    share the loads' alignment; otherwise they are placed from grad_row_stride, unaligned."""
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
     g = tl.load(grad_out_ptr + row).to(tl.float32)
     g = tl.where(label != ignore_index, g, 0.0)
     lse = tl.load(lse_ptr + row)
-    row_start = logits_ptr + row * row_stride
-    grad_row_start = grad_logits_ptr + row * grad_row_stride
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        in_row = cols < V
-        x = tl.load(row_start + cols, mask=in_row, other=0.0).to(tl.float32)
-        softmax = tl.exp(x - lse)
-        onehot = tl.where(cols == label, 1.0, 0.0)
-        grad = g * (onehot - softmax)
-        tl.store(grad_row_start + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
+    row_ptr, lead = _aligned_row(logits_ptr, row, row_stride, VEC)
+    if SAME_STRIDE:
+        grad_row_ptr, _ = _aligned_row(grad_logits_ptr, row, row_stride, VEC)
+    else:
+        grad_row_ptr = grad_logits_ptr + row * grad_row_stride - lead
+    end = lead + V
+    label_col = (label + lead).to(tl.int32)  # ignored rows: g = 0, whatever column this names
+    cols = tl.arange(0, BLOCK_V)
+    _grad_row_block(row_ptr, grad_row_ptr, cols, lead, end, label_col, lse, g, True)
+    full_end = end // BLOCK_V * BLOCK_V
+    for start in range(BLOCK_V, full_end, BLOCK_V):
+        _grad_row_block(row_ptr, grad_row_ptr, start + cols, lead, end, label_col, lse, g, False)
+    tail = tl.maximum(full_end, BLOCK_V)
+    if tail < end:
+        _grad_row_block(row_ptr, grad_row_ptr, tail + cols, lead, end, label_col, lse, g, True)
 
 
 def _block_size(vocab: int) -> int:
     return min(triton.next_power_of_2(max(vocab, 1)), MAX_BLOCK_V)
+
+
+def _row_blocks(logits: torch.Tensor) -> dict:
+    """The row kernels' block constants: BLOCK_V, and VEC, the entries in 16 bytes (at most BLOCK_V)."""
+    block = _block_size(logits.shape[-1])
+    return {"BLOCK_V": block, "VEC": min(16 // logits.element_size(), block)}
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -92,10 +147,11 @@ class _TokenLogprobs(torch.autograd.Function):
         rows, vocab = logits.shape
         out = torch.empty(rows, dtype=torch.float32, device=logits.device)
         lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
-        if rows:
-            _token_logprobs_fwd[(rows,)](
-                logits, labels, out, lse, logits.stride(0), vocab, ignore_index, BLOCK_V=_block_size(vocab)
-            )
+        if rows and not try_launch("logprobs.fwd", _token_logprobs_fwd, (rows,), logits, labels, out, lse,
+                                   logits.stride(0), vocab, ignore_index, **_row_blocks(logits)):
+            valid = labels != ignore_index  # refused by the GPU: the torch reference, one warning
+            out, lse = RowOps.forward(logits, torch.where(valid, labels, 0))
+            out = torch.where(valid, out, 0.0)
         ctx.save_for_backward(logits, labels, lse)
         ctx.ignore_index = ignore_index
         return out
@@ -105,11 +161,13 @@ class _TokenLogprobs(torch.autograd.Function):
         logits, labels, lse = ctx.saved_tensors
         rows, vocab = logits.shape
         grad_logits = torch.empty_like(logits)
-        if rows:
-            _token_logprobs_bwd[(rows,)](
-                grad_out.contiguous(), logits, labels, lse, grad_logits,
-                logits.stride(0), grad_logits.stride(0), vocab, ctx.ignore_index, BLOCK_V=_block_size(vocab),
-            )
+        if rows and not try_launch("logprobs.bwd", _token_logprobs_bwd, (rows,),
+                                   grad_out.contiguous(), logits, labels, lse, grad_logits,
+                                   logits.stride(0), grad_logits.stride(0), vocab, ctx.ignore_index,
+                                   **_row_blocks(logits), SAME_STRIDE=grad_logits.stride(0) == logits.stride(0)):
+            valid = labels != ctx.ignore_index  # refused by the GPU: the torch reference, one warning
+            grad_logits.copy_(logits)
+            RowOps.grad_into(grad_logits, torch.where(valid, labels, 0), lse, torch.where(valid, grad_out, 0.0))
         return grad_logits, None, None
 
 
@@ -126,22 +184,25 @@ class TritonRowOps:
         rows, vocab = logits.shape
         logp = torch.empty(rows, dtype=torch.float32, device=logits.device)
         lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
-        if rows:
-            _token_logprobs_fwd[(rows,)](logits, labels, logp, lse, logits.stride(0), vocab, IGNORE_INDEX, BLOCK_V=_block_size(vocab))
+        if rows and not try_launch("linear_logprobs.fwd", _token_logprobs_fwd, (rows,), logits, labels, logp, lse,
+                                   logits.stride(0), vocab, IGNORE_INDEX, **_row_blocks(logits)):
+            return RowOps.forward(logits, labels)  # refused by the GPU: the torch reference, one warning
         return logp, lse
 
     @staticmethod
     def grad_into(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor) -> None:
         rows, vocab = logits.shape
-        if rows:
-            _token_logprobs_bwd[(rows,)](
-                g.contiguous(), logits, labels, lse, logits,
-                logits.stride(0), logits.stride(0), vocab, IGNORE_INDEX, BLOCK_V=_block_size(vocab),
-            )
+        if rows and not try_launch("linear_logprobs.grad", _token_logprobs_bwd, (rows,),
+                                   g.contiguous(), logits, labels, lse, logits, logits.stride(0), logits.stride(0),
+                                   vocab, IGNORE_INDEX, **_row_blocks(logits), SAME_STRIDE=True):
+            RowOps.grad_into(logits, labels, lse, g)  # refused by the GPU: the torch reference, one warning
 
 
 def triton_available_for(tensor: torch.Tensor) -> bool:
-    """True when the Triton kernels can run on this tensor's device: CUDA, or CPU under TRITON_INTERPRET=1."""
+    """True when the Triton kernels can run on this tensor's device: CUDA, or CPU under TRITON_INTERPRET=1
+    (or the meta device while launches are recorded, see launch.recording)."""
+    if tensor.device.type == "meta":
+        return is_recording()
     return tensor.is_cuda or (tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 

@@ -24,8 +24,11 @@ Folding s into the thin (M, r) factors means the big GEMMs carry no scalar at al
 dA reduce over all M tokens into a small output, so their programs also split M and sum
 the float32 partials. Accumulation is float32 for fp32, bf16 and fp16 inputs; outputs
 and gradients come back in the inputs' dtype (fp32 inputs use TF32 on the tensor cores
-only when torch.backends.cuda.matmul.allow_tf32 says so, as torch's own matmul does).
-float64 inputs take the torch reference (`reference.lora_linear_torch`).
+only when torch says so, as torch's own matmul does: `tf32_enabled`). float64 inputs take the
+torch reference (`reference.lora_linear_torch`), and so does every GPU older than sm_80
+(`lora_kernel_serves`: Triton emits no tensor-core instructions there). Tiles are per GPU
+generation (`TILES`, docs/kernels.md); the thin (M, r), (N, r) and (r, K) GEMMs split K
+across programs so that they fill the GPU.
 
 Memory. Saved for backward: x (M x K, which any LoRA backward needs for dA) and xs
 (M x r, e.g. 16 columns), plus references to W, A and B. Never a merged W + s B A (an
@@ -40,46 +43,110 @@ per layer, and each unfused (M x N) temporary is another 64 MiB of traffic.
 from its quant_state, plain or nested "double-quantised" absmax). The K loop then reads
 the packed bytes and dequantises each W tile in registers, code[nibble] * absmax[block]
 (nested: absmax = code2[q] * absmax2[q_block] + offset), cast to x's dtype as
-bitsandbytes does; the dense (N x K) weight never exists, in forward or in backward.
+bitsandbytes does; the dense (N x K) weight never exists, in forward or in backward. The
+16-entry code table is held in registers and each tile spans one quantisation block along
+the in-features, so a tile needs one absmax per row or column and no shared memory beyond
+the packed bytes' (`_dequantize_4bit_tile`). Where in_features is not a multiple of the
+blocksize, or x is fp32 with TF32 off (an FMA dot, out of registers with the dequantisation
+inside), W is dequantised once per call instead and the dense kernel runs.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .launch import capability, multiprocessor_count, try_launch
 from .logprobs import triton_available_for
-from .reference import lora_linear_torch
+from .lora_tiles import (
+    AUTOTUNE_CONFIGS,
+    AUTOTUNE_ENV,
+    MIN_K_PER_SPLIT,
+    PROGRAMS_PER_SM,
+    TUNED,
+    cuda_ms,
+    family,
+    fastest,
+    fit,
+    kernel_dequantises,
+    lora_kernel_serves,
+    operand_kind,
+    pick_config,
+    tf32_enabled,
+)
+from .reference import dequantize_4bit_torch, lora_linear_torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _dequantize_4bit(
-    packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, index, mask,
-    NESTED: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
-):
-    """Entries W.flat[index] of a bitsandbytes 4-bit weight, in float32 (0 where not mask).
+def _code_entry(code, i: tl.constexpr):
+    """code[i] of a (16,) tensor, as a scalar."""
+    return tl.sum(tl.where(tl.arange(0, 16) == i, code, 0.0), axis=0)
 
-    Two 4-bit codes per byte, the even index in the high nibble; entry = code[nibble] *
-    absmax[index // QBLOCK]. Nested (double) quantisation stores absmax itself as 8-bit
-    codes: absmax = code2[q] * absmax2[block // QBLOCK2] + offset.
-    """
-    byte = tl.load(packed_ptr + index // 2, mask=mask, other=0).to(tl.int32)
-    nibble = tl.where(index % 2 == 0, byte >> 4, byte & 15)
-    value = tl.load(code_ptr + nibble)
-    block = index // QBLOCK
+
+@triton.jit
+def _lookup_16(nibble, codes):
+    """codes[nibble] for 4-bit indices: a tree of selects on the index bits, in registers
+    (as bitsandbytes' own dequantisation does), so no table and no gather goes through memory."""
+    b0 = (nibble & 1) != 0
+    b1 = (nibble & 2) != 0
+    b2 = (nibble & 4) != 0
+    b3 = (nibble & 8) != 0
+    v0 = tl.where(b1, tl.where(b0, codes[3], codes[2]), tl.where(b0, codes[1], codes[0]))
+    v1 = tl.where(b1, tl.where(b0, codes[7], codes[6]), tl.where(b0, codes[5], codes[4]))
+    v2 = tl.where(b1, tl.where(b0, codes[11], codes[10]), tl.where(b0, codes[9], codes[8]))
+    v3 = tl.where(b1, tl.where(b0, codes[15], codes[14]), tl.where(b0, codes[13], codes[12]))
+    return tl.where(b3, tl.where(b2, v3, v2), tl.where(b2, v1, v0))
+
+
+@triton.jit
+def _absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, ok,
+            NESTED: tl.constexpr, QBLOCK2: tl.constexpr):
+    """The scale of quantisation blocks `block`: absmax[block], or, nested (double-quantised),
+    code2[absmax[block]] * absmax2[block // QBLOCK2] + offset."""
     if NESTED:
-        absmax_code = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        absmax2 = tl.load(absmax2_ptr + block // QBLOCK2, mask=mask, other=0.0)
-        scale = tl.load(code2_ptr + absmax_code) * absmax2 + tl.load(offset_ptr)
+        q = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
+        scale2 = tl.load(absmax2_ptr + block // QBLOCK2, mask=ok, other=0.0)
+        return tl.load(code2_ptr + q, mask=ok, other=0.0) * scale2 + offset
     else:
-        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-    return tl.where(mask, value * scale, 0.0)
+        return tl.load(absmax_ptr + block, mask=ok, other=0.0)
+
+
+@triton.jit
+def _dequantize_4bit_tile(
+    packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, codes, offset,
+    ks, cols, k_ok, col_ok, stride_k, stride_n, k0, n0,
+    NESTED: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, IN_AXIS: tl.constexpr,
+):
+    """One (BLOCK_K, BLOCK_N) tile of a bitsandbytes 4-bit weight, in float32 (0 outside the masks).
+
+    tile[i, j] = W.flat[ks[i] * stride_k + cols[j] * stride_n] = code[nibble] * absmax[block]:
+    two 4-bit codes per byte, the even index in the high nibble. IN_AXIS says which tile axis
+    runs along W's in-features (0: the K axis, stride_k = 1, W^T as in forward; 1: the N axis,
+    stride_n = 1, W as in dx). The launch code makes in_features (the other stride) a multiple
+    of QBLOCK, and the tile no wider than one quantisation block along the in-features, so:
+    the byte of an entry is (in-feature index) // 2 plus half the (even) row offset, its nibble
+    depends on the in-feature index's parity alone, each tile row (or column) needs one
+    absmax, loaded once, and the code table is the 16 scalars `codes`, looked up in registers.
+    """
+    mask = k_ok[:, None] & col_ok[None, :]
+    byte = tl.load(packed_ptr + (ks * stride_k // 2)[:, None] + (cols * stride_n // 2)[None, :],
+                   mask=mask, other=0).to(tl.int32)
+    if IN_AXIS == 0:
+        nibble = (byte >> tl.where(ks % 2 == 0, 4, 0)[:, None]) & 15
+        block = (cols * stride_n + k0) // QBLOCK  # one block per column
+        scale = _absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, col_ok, NESTED, QBLOCK2)[None, :]
+    else:
+        nibble = (byte >> tl.where(cols % 2 == 0, 4, 0)[None, :]) & 15
+        block = (ks * stride_k + n0) // QBLOCK  # one block per row
+        scale = _absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, k_ok, NESTED, QBLOCK2)[:, None]
+    return tl.where(mask, _lookup_16(nibble, codes) * scale, 0.0)
 
 
 @triton.jit
@@ -95,21 +162,24 @@ def _extended_k_matmul(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
     GROUP_M: tl.constexpr,
     B1_4BIT: tl.constexpr, NESTED: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
+    QUANT_AXIS: tl.constexpr,
 ):
     """c[split] = alpha * (a1 @ b1 + a2 @ b2) (+ bias): a1 (M, K1), b1 (K1, N), a2 (M, K2), b2 (K2, N).
 
     Program axis 0 walks the (M, N) output tiles, grouped GROUP_M row-tiles at a time so
     neighbouring programs share b1 tiles in L2. Axis 1 splits K1 into slices of
     k1_per_split (a multiple of BLOCK_K); with more than one slice K2 is 0 and each slice
-    writes its own float32 partial c[split], summed by the caller. DOT_IN_FP32 upcasts the
-    tiles before tl.dot: the interpreter multiplies bf16 tiles' raw bit patterns otherwise
-    (triton-lang/triton#11584); bf16 products are exact in fp32, so the result is the same.
+    writes its own float32 partial c[split], summed by the caller. Every index that is
+    multiplied by a stride is 64-bit, so no offset wraps past 2^31 elements (a token
+    reduction over M x in_features, say). DOT_IN_FP32 upcasts the tiles before tl.dot: the
+    interpreter multiplies bf16 tiles' raw bit patterns otherwise (triton-lang/triton#11584);
+    bf16 products are exact in fp32, so the result is the same.
     B1_4BIT: b1 is a bitsandbytes 4-bit weight (b1_ptr its packed bytes, the q_* pointers
-    its quantisation state), dequantised tile by tile; b1[k, n] = W.flat[k * stride_b1k +
-    n * stride_b1n].
+    its quantisation state), dequantised tile by tile (`_dequantize_4bit_tile`, QUANT_AXIS
+    its IN_AXIS); b1[k, n] = W.flat[k * stride_b1k + n * stride_b1n].
     """
     pid = tl.program_id(0)
-    split = tl.program_id(1)
+    split = tl.program_id(1).to(tl.int64)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     tiles_per_group = GROUP_M * tiles_n
@@ -118,11 +188,19 @@ def _extended_k_matmul(
     pid_m = first_m + (pid % tiles_per_group) % group_rows
     pid_n = (pid % tiles_per_group) // group_rows
 
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    n0 = pid_n.to(tl.int64) * BLOCK_N
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = n0 + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if B1_4BIT:  # the code table, 16 scalars held in registers for the whole K loop
+        code = tl.load(q_code_ptr + tl.arange(0, 16))
+        codes = (_code_entry(code, 0), _code_entry(code, 1), _code_entry(code, 2), _code_entry(code, 3),
+                 _code_entry(code, 4), _code_entry(code, 5), _code_entry(code, 6), _code_entry(code, 7),
+                 _code_entry(code, 8), _code_entry(code, 9), _code_entry(code, 10), _code_entry(code, 11),
+                 _code_entry(code, 12), _code_entry(code, 13), _code_entry(code, 14), _code_entry(code, 15))
+        offset = tl.load(q_offset_ptr) if NESTED else 0.0
 
     # x @ W^T (or g @ W): the base weight's K.
     k_start = split * k1_per_split
@@ -133,9 +211,9 @@ def _extended_k_matmul(
         a = tl.load(a1_ptr + rows[:, None] * stride_a1m + ks[None, :] * stride_a1k,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if B1_4BIT:
-            b = _dequantize_4bit(b1_ptr, q_absmax_ptr, q_code_ptr, q_absmax2_ptr, q_code2_ptr, q_offset_ptr,
-                                 ks[:, None] * stride_b1k + cols[None, :] * stride_b1n,
-                                 k_ok[:, None] & col_ok[None, :], NESTED, QBLOCK, QBLOCK2)
+            b = _dequantize_4bit_tile(b1_ptr, q_absmax_ptr, q_absmax2_ptr, q_code2_ptr, codes, offset,
+                                      ks, cols, k_ok, col_ok, stride_b1k, stride_b1n, k0, n0,
+                                      NESTED, QBLOCK, QBLOCK2, QUANT_AXIS)
             if not DOT_IN_FP32:
                 b = b.to(a.dtype)  # as bitsandbytes dequantises to the compute dtype
         else:
@@ -149,9 +227,9 @@ def _extended_k_matmul(
     for k0 in range(0, K2, BLOCK_K2):
         ks = k0 + tl.arange(0, BLOCK_K2)
         k_ok = ks < K2
-        a = tl.load(a2_ptr + rows[:, None] * stride_a2m + ks[None, :] * stride_a2k,
+        a = tl.load(a2_ptr + rows[:, None] * stride_a2m + ks[None, :].to(tl.int64) * stride_a2k,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b2_ptr + ks[:, None] * stride_b2k + cols[None, :] * stride_b2n,
+        b = tl.load(b2_ptr + ks[:, None].to(tl.int64) * stride_b2k + cols[None, :] * stride_b2n,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if DOT_IN_FP32:
             a, b = a.to(tl.float32), b.to(tl.float32)
@@ -182,6 +260,18 @@ class Weight4bit(NamedTuple):
     def t(self) -> Weight4bit:
         return self._replace(shape=self.shape[::-1], strides=self.strides[::-1])
 
+    @property
+    def in_features(self) -> int:
+        return max(self.strides)
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The operand as a dense tensor of `dtype` (a strided view of the dequantised W)."""
+        out_features, in_features = (self.shape if self.strides[1] == 1 else self.shape[::-1])
+        weight = dequantize_4bit_torch(self.packed, self.absmax, self.code, self.blocksize, (out_features, in_features),
+                                       dtype, absmax2=self.absmax2, code2=self.code2, blocksize2=self.blocksize2,
+                                       offset=self.offset)
+        return weight if self.strides[1] == 1 else weight.t()
+
 
 def as_weight_4bit(weight: torch.Tensor) -> Weight4bit:
     """The quantisation state of a bitsandbytes Params4bit (its .quant_state), read by duck typing."""
@@ -210,40 +300,17 @@ def as_weight_4bit(weight: torch.Tensor) -> Weight4bit:
     )
 
 
-class TileConfig(NamedTuple):
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
-# Under the interpreter every program is numpy work, so small fixed tiles keep the
-# tests quick and still cross several tiles at small sizes (tests may patch this).
-INTERPRETER_CONFIG = TileConfig(16, 16, 16, 1, 1)
-# Programs to aim for when splitting a token reduction (dA, dB) over K: enough to fill
-# an H100's 132 SMs about twice; each slice keeps at least MIN_K_PER_SPLIT of K.
-TARGET_PROGRAMS = 264
-MIN_K_PER_SPLIT = 512
-
-
-def _interpreting(tensor: torch.Tensor) -> bool:
-    return tensor.device.type == "cpu"
-
-
-def _pick_config(a: torch.Tensor, m: int, n: int) -> TileConfig:
-    """Fixed tiles per shape, no autotuning: 128 x 128 x 64 (fp32: K 32, to fit shared memory)
-    for big outputs, narrower where M or N is small (the thin (M, r) and (N, r) outputs)."""
-    if _interpreting(a):
-        return INTERPRETER_CONFIG
-    block_m = min(128, max(16, triton.next_power_of_2(m)))
-    block_n = min(128, max(16, triton.next_power_of_2(n)))
-    block_k = 32 if a.dtype == torch.float32 else 64
-    big = block_m * block_n >= 128 * 64
-    return TileConfig(block_m, block_n, block_k, 8 if big else 4, 3)
+def _matmul_torch(a1, b1, a2, b2, alpha, bias):
+    """_matmul's math in torch, in a1's dtype (where the GPU refuses a launch)."""
+    out = a1 @ b1
+    if a2 is not None:
+        out = out + a2 @ b2
+    out = out * alpha
+    return out + bias if bias is not None else out
 
 
 def _matmul(
+    name: str,
     a1: torch.Tensor,
     b1: torch.Tensor | Weight4bit,
     a2: torch.Tensor | None = None,
@@ -257,33 +324,65 @@ def _matmul(
 
     a1 (M, K1), b1 (K1, N) (or a 4-bit weight), a2 (M, K2), b2 (K2, N), bias (N,). split_k
     (only without a2 and bias) splits K1 across programs and sums their float32 partials.
+    `name` names the launch ("lora.<name>", in recordings and in the fallback's warning). A
+    launch the GPU refuses for lack of resources is computed by torch instead, with one warning.
     """
     m, k1 = a1.shape
     n = b1.shape[1]
     quant = b1 if isinstance(b1, Weight4bit) else None
+    if quant is not None and not kernel_dequantises(quant, a1.dtype):
+        quant, b1 = None, b1.dense(a1.dtype)
+    if m == 0 or n == 0:
+        return a1.new_zeros(m, n)
+    config = pick_config(a1, m, n, quant)
+    if a1.is_cuda and os.environ.get(AUTOTUNE_ENV) == "1":
+        config = _autotuned(name, a1, b1, a2, b2, alpha, bias, split_k, quant, config)
+    out = _launch_matmul(name, a1, b1, a2, b2, alpha, bias, split_k, quant, config)
+    if out is None:
+        return _matmul_torch(a1, b1 if quant is None else quant.dense(a1.dtype), a2, b2, alpha, bias)
+    return out
+
+
+def _autotuned(name, a1, b1, a2, b2, alpha, bias, split_k, quant, default):
+    m, k1 = a1.shape
+    n = b1.shape[1]
+    kind = operand_kind(a1.dtype, quant is not None)
+    weight = "dense" if quant is None else "nested" if quant.absmax2 is not None else "4bit"
+    key = (torch.cuda.get_device_name(a1.device), name, kind, weight, m, n, k1, 0 if a2 is None else a2.shape[1])
+    if key not in TUNED:
+        candidates = [default] + [fit(c, kind, m, n, quant) for c in AUTOTUNE_CONFIGS[family(capability(a1))]]
+        candidates = list(dict.fromkeys(candidates))
+        TUNED[key] = fastest(
+            candidates, lambda c: _launch_matmul(name, a1, b1, a2, b2, alpha, bias, split_k, quant, c), cuda_ms
+        ) or default
+    return TUNED[key]
+
+
+def _launch_matmul(name, a1, b1, a2, b2, alpha, bias, split_k, quant, config):
+    m, k1 = a1.shape
+    n = b1.shape[1]
     b1_strides = quant.strides if quant is not None else b1.stride()
     b1_ptr = quant.packed if quant is not None else b1
     k2 = 0 if a2 is None else a2.shape[1]
     if a2 is None:
         a2, b2 = a1, a1  # never read: K2 = 0
-    config = _pick_config(a1, m, n)
+    interpreting = capability(a1) is None
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     splits = 1
     if split_k and k1 > 0:
-        min_k = config.block_k * 2 if _interpreting(a1) else MIN_K_PER_SPLIT
-        splits = max(1, min(triton.cdiv(k1, min_k), TARGET_PROGRAMS // max(tiles, 1)))
+        min_k = config.block_k * 2 if interpreting else MIN_K_PER_SPLIT
+        programs = PROGRAMS_PER_SM * multiprocessor_count(a1)
+        splits = max(1, min(triton.cdiv(k1, min_k), programs // max(tiles, 1)))
     k1_per_split = triton.cdiv(triton.cdiv(max(k1, 1), splits), config.block_k) * config.block_k
     splits = max(1, triton.cdiv(k1, k1_per_split))
     # The interpreter truncates float32 -> bfloat16 where a GPU rounds to nearest, so there
     # the kernel writes float32 and torch rounds, as the GPU would.
-    interpreted_bf16 = _interpreting(a1) and a1.dtype == torch.bfloat16
+    interpreted_bf16 = interpreting and a1.dtype == torch.bfloat16
     float32_out = splits > 1 or interpreted_bf16
     out = torch.empty(splits, m, n, dtype=torch.float32 if float32_out else a1.dtype, device=a1.device)
-    if m == 0 or n == 0:
-        return out.sum(0).to(a1.dtype)
-    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     nested = quant is not None and quant.absmax2 is not None
-    _extended_k_matmul[(tiles, splits)](
+    launched = try_launch(
+        f"lora.{name}", _extended_k_matmul, (tiles, splits),
         a1, b1_ptr, a2, b2, bias if bias is not None else a1, out,
         *((quant.absmax, quant.code) if quant is not None else (a1, a1)),
         *((quant.absmax2, quant.code2, quant.offset) if nested else (a1, a1, a1)),
@@ -293,14 +392,17 @@ def _matmul(
         out.stride(0), out.stride(1), out.stride(2),
         float(alpha),
         HAS_BIAS=bias is not None,
-        INPUT_PRECISION="tf32" if (a1.dtype == torch.float32 and allow_tf32) else "ieee",
+        INPUT_PRECISION="tf32" if (a1.dtype == torch.float32 and tf32_enabled()) else "ieee",
         DOT_IN_FP32=interpreted_bf16,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCK_K2=min(config.block_k, max(16, triton.next_power_of_2(max(k2, 1)))),
         GROUP_M=8, num_warps=config.num_warps, num_stages=config.num_stages,
         B1_4BIT=quant is not None, NESTED=nested,
         QBLOCK=quant.blocksize if quant is not None else 1, QBLOCK2=quant.blocksize2 if nested else 1,
+        QUANT_AXIS=0 if quant is None or quant.strides[0] == 1 else 1,
     )
+    if not launched:
+        return None
     if splits > 1:
         return out.sum(0).to(a1.dtype)
     return out[0].to(a1.dtype)
@@ -311,8 +413,8 @@ class _LoraLinear(torch.autograd.Function):
     def forward(ctx, x, weight, lora_A, lora_B, bias, scaling):
         # x (M, K), weight (N, K), lora_A (r, K), lora_B (N, r), bias (N,) or None.
         # weight may be a Weight4bit (frozen constants, kept on ctx rather than saved).
-        xs = _matmul(x, lora_A.t(), alpha=scaling)  # s x A^T   (M, r)
-        y = _matmul(x, weight.t(), xs, lora_B.t(), bias=bias)  # x W^T + xs B^T (+ bias)
+        xs = _matmul("xs", x, lora_A.t(), alpha=scaling, split_k=True)  # s x A^T   (M, r)
+        y = _matmul("y", x, weight.t(), xs, lora_B.t(), bias=bias)  # x W^T + xs B^T (+ bias)
         quantized = isinstance(weight, Weight4bit)
         ctx.save_for_backward(x, xs, None if quantized else weight, lora_A, lora_B)
         ctx.weight_4bit = weight if quantized else None
@@ -326,13 +428,13 @@ class _LoraLinear(torch.autograd.Function):
         needs_x, _, needs_A, needs_B, needs_bias, _ = ctx.needs_input_grad
         grad_x = grad_A = grad_B = grad_bias = None
         if needs_x or needs_A:
-            grad_s = _matmul(grad_y, lora_B, alpha=ctx.scaling)  # s g B   (M, r)
+            grad_s = _matmul("gs", grad_y, lora_B, alpha=ctx.scaling, split_k=True)  # s g B   (M, r)
             if needs_x:
-                grad_x = _matmul(grad_y, weight, grad_s, lora_A)  # g W + gs A   (M, K)
+                grad_x = _matmul("dx", grad_y, weight, grad_s, lora_A)  # g W + gs A   (M, K)
             if needs_A:
-                grad_A = _matmul(grad_s.t(), x, split_k=True)  # gs^T x   (r, K)
+                grad_A = _matmul("dA", grad_s.t(), x, split_k=True)  # gs^T x   (r, K)
         if needs_B:
-            grad_B = _matmul(grad_y.t(), xs, split_k=True)  # g^T xs   (N, r)
+            grad_B = _matmul("dB", grad_y.t(), xs, split_k=True)  # g^T xs   (N, r)
         if needs_bias:
             grad_bias = grad_y.sum(0, dtype=torch.float32).to(grad_y.dtype)
         return grad_x, None, grad_A, grad_B, grad_bias, None
@@ -413,6 +515,8 @@ def lora_linear(
     All tensors share x's dtype (a 4-bit weight: its compute dtype) and device.
     Returns:
         (..., out) in x's dtype, differentiable with respect to x, lora_A, lora_B (and bias).
+    Routing: on a GPU older than sm_80 the torch reference computes it (`lora_kernel_serves`);
+    a launch the GPU refuses for lack of resources falls back to torch with one warning.
     Raises:
         ValueError on shapes, dtypes or devices that disagree, or a non-finite scaling.
         RuntimeError on a CPU tensor unless TRITON_INTERPRET=1 was set before triton was imported.
@@ -427,6 +531,9 @@ def lora_linear(
             "lora_linear_torch is the same math in torch"
         )
     base_weight = as_weight_4bit(weight) if _is_4bit(weight) else weight.detach()
+    if not lora_kernel_serves(x):  # sm_7x: cuBLAS through the torch reference (docs/kernels.md)
+        dense = base_weight.dense(x.dtype) if isinstance(base_weight, Weight4bit) else base_weight
+        return lora_linear_torch(x, dense, lora_A, lora_B, scaling, bias)
     flat_x = x.reshape(-1, in_features)
     y = _LoraLinear.apply(flat_x, base_weight, lora_A, lora_B, bias, float(scaling))
     return y.reshape(*x.shape[:-1], out_features)

@@ -287,3 +287,41 @@ def lora_linear_torch(
     return torch.nn.functional.linear(x, weight, bias) + torch.nn.functional.linear(
         torch.nn.functional.linear(x, lora_A), lora_B
     ) * scaling
+
+
+def dequantize_4bit_torch(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    *,
+    absmax2: torch.Tensor | None = None,
+    code2: torch.Tensor | None = None,
+    blocksize2: int = 256,
+    offset: torch.Tensor | None = None,
+    chunk: int = 1 << 24,
+) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight (NF4/FP4, plain or nested absmax) as a dense `shape` tensor of `dtype`.
+
+    W.flat[i] = code[nibble_i] * absmax[i // blocksize], two codes per byte with the even index
+    in the high nibble; nested absmax = code2[absmax_code] * absmax2[block // blocksize2] + offset.
+    Computed in float32 and rounded once to `dtype`, as bitsandbytes does; `chunk` entries at a
+    time, so the temporaries stay small. The LoRA kernel's dequantisation, in torch.
+    """
+    numel = shape[0] * shape[1]
+    if absmax2 is not None:
+        scales = code2[absmax.long()] * absmax2.repeat_interleave(blocksize2)[: absmax.numel()] + offset
+    else:
+        scales = absmax.float()
+    packed = packed.reshape(-1)
+    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    chunk -= chunk % (2 * blocksize)
+    for start in range(0, numel, chunk):
+        stop = min(start + chunk, numel)
+        bytes_ = packed[start // 2: (stop + 1) // 2].long()
+        nibbles = torch.stack((bytes_ >> 4, bytes_ & 15), dim=-1).reshape(-1)[: stop - start]
+        scale = scales[start // blocksize: (stop + blocksize - 1) // blocksize].repeat_interleave(blocksize)
+        out[start:stop] = (code.float()[nibbles] * scale[: stop - start]).to(dtype)
+    return out.reshape(shape)

@@ -238,3 +238,19 @@ def test_bf16_model_with_float32_adapters_uses_the_kernel(kernel_calls):
     fused_errors, peft_errors = relative_errors(grads), relative_errors(peft_grads)
     assert peft_errors.max() < 0.1  # the float64 comparison itself is sound
     assert fused_errors.max() < 1.5 * peft_errors.max() and fused_errors.mean() < 1.5 * peft_errors.mean()
+
+
+def test_gpus_before_sm80_keep_peft_forward(kernel_calls, monkeypatch):
+    # On sm_7x (T4) Triton emits no tensor-core instructions for the LoRA GEMMs: peft's own forward
+    # (cuBLAS, bitsandbytes) serves them (docs/kernels.md, "Which kernel each GPU gets").
+    import alignlib.kernels.lora_tiles as kernel_tiles
+
+    model = tiny_peft_llama(target_modules=["q_proj", "v_proj"]).eval()
+    ids = input_ids()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    monkeypatch.setattr(kernel_tiles, "capability", lambda tensor: (7, 5))
+    with torch.no_grad(), fused_lora(model) as swapped:
+        got = model(input_ids=ids).logits
+    assert swapped == 2 * model.config.num_hidden_layers and not kernel_calls
+    assert torch.equal(got, expected)

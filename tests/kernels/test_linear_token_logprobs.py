@@ -217,3 +217,29 @@ def test_triton_matches_reference(dtype, weight_trainable):
 )
 def test_triton_matches_reference_for_drawn_shapes(tokens, hidden_size, vocab, chunk_size, seed):
     check_triton_against_reference(tokens, hidden_size, vocab, torch.float32, chunk_size, seed)
+
+
+def test_chunk_launches_refused_for_resources_fall_back_to_torch(monkeypatch):
+    import alignlib.kernels.launch as launch_module
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setattr(launch_module, "_refused", set())
+    monkeypatch.setattr(launch_module, "_warned", set())
+
+    def refusing(name, kernel, grid, *args, **kwargs):
+        raise OutOfResources(1 << 20, 232448, "shared memory")
+
+    monkeypatch.setattr(launch_module, "launch", refusing)
+    hidden = torch.randn(2, 9, 16)
+    labels = torch.randint(0, 30, (2, 9))
+    labels[0, :3] = -100
+    results = []
+    with pytest.warns(RuntimeWarning, match="could not launch"):
+        for fn in (linear_token_logprobs, linear_token_logprobs_torch):
+            h = hidden.clone().requires_grad_(True)
+            w = torch.randn(30, 16, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+            out = fn(h, w, labels, chunk_size=4)
+            out.sum().backward()
+            results.append((out, h.grad, w.grad))
+    for ours, theirs in zip(*results, strict=True):
+        torch.testing.assert_close(ours, theirs)

@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import alignlib.kernels.lora as kernel_module
+import alignlib.kernels.lora_tiles as tiles_module
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -116,18 +117,18 @@ def test_odd_sizes_against_reference(lead, k, n, r, dtype, bias):
     bias=st.booleans(),
     scaling=st.sampled_from([0.5, 2.0, -1.0]),
     config=st.sampled_from([
-        kernel_module.TileConfig(16, 16, 16, 1, 1),
-        kernel_module.TileConfig(32, 16, 32, 1, 1),
+        tiles_module.TileConfig(16, 16, 16, 1, 1),
+        tiles_module.TileConfig(32, 16, 32, 1, 1),
     ]),
     seed=st.integers(0, 1000),
 )
 def test_matches_reference_for_drawn_shapes(lead, k, n, r, dtype, bias, scaling, config, seed):
-    old = kernel_module.INTERPRETER_CONFIG
-    kernel_module.INTERPRETER_CONFIG = config
+    old = tiles_module.INTERPRETER_CONFIG
+    tiles_module.INTERPRETER_CONFIG = config
     try:
         check_against_reference(make_inputs(lead, k, n, r, dtype, bias=bias, seed=seed), scaling)
     finally:
-        kernel_module.INTERPRETER_CONFIG = old
+        tiles_module.INTERPRETER_CONFIG = old
 
 
 @pytest.mark.parametrize(
@@ -140,10 +141,11 @@ def test_matches_reference_for_drawn_shapes(lead, k, n, r, dtype, bias, scaling,
         ("fp4", True, torch.float32),
     ],
 )
-def test_4bit_weight_dequantised_in_the_kernel(quant_type, nested, dtype):
-    # 29 x 45 = 1305 weights: an odd count, and a last absmax block of 25 (blocksize 64)
-    inputs = make_inputs((2, 7), 45, 29, 4, dtype)
-    weight = torch.randn(29, 45, generator=torch.Generator().manual_seed(3))
+def test_4bit_weight_against_its_dequantised_values(quant_type, nested, dtype):
+    # 29 x 64 weights, whole absmax blocks per row: bf16 reads the packed weight in the kernel, fp32
+    # (TF32 off) dequantises it first; the odd sizes of test_4bit_weight_dequantised_first cover the rest
+    inputs = make_inputs((2, 7), 64, 29, 4, dtype)
+    weight = torch.randn(29, 64, generator=torch.Generator().manual_seed(3))
     quantized = bnb.nn.Params4bit(
         weight, requires_grad=False, quant_type=quant_type, compress_statistics=nested
     )
@@ -281,3 +283,145 @@ def test_cpu_without_interpreter_raises_runtime_error(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "RuntimeError:" in result.stdout and "TRITON_INTERPRET=1" in result.stdout
+
+
+def quantize(n, k, quant_type="nf4", nested=False, seed=3):
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    quantized = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=quant_type, compress_statistics=nested)
+    return quantized.to(DEVICE)  # quantises
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """The keyword constants of every LoRA launch (so a test can tell which path ran)."""
+    calls = []
+    real = kernel_module.try_launch
+
+    def spy(name, kernel, grid, *args, **kwargs):
+        calls.append((name, kwargs))
+        return real(name, kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_module, "try_launch", spy)
+    return calls
+
+
+@pytest.mark.parametrize("quant_type, nested", [("nf4", False), ("nf4", True), ("fp4", True)])
+@pytest.mark.parametrize("config", [tiles_module.TileConfig(16, 16, 16, 1, 1), tiles_module.TileConfig(16, 64, 64, 1, 1)])
+def test_4bit_weight_read_packed_by_the_kernel(quant_type, nested, config, launched, monkeypatch):
+    # in_features 128: whole quantisation blocks per row, so y reads the packed weight with W^T's
+    # in-features along its K tiles and dx with W's in-features along its N tiles, each tile
+    # within one 64-wide block (one absmax per tile row or column), tiles of 16 and of 64. bf16, the
+    # QLoRA compute dtype (fp32 with TF32 off dequantises first: see the next test).
+    monkeypatch.setattr(tiles_module, "INTERPRETER_CONFIG", config)
+    dtype = torch.bfloat16
+    inputs = make_inputs((3, 7), 128, 40, 4, dtype)
+    quantized = quantize(40, 128, quant_type, nested)
+    dense = bnb.functional.dequantize_4bit(quantized.data, quantized.quant_state).float()
+    check_against_reference({**inputs, "weight": quantized}, 1.5, dense_weight=dense.to(dtype))
+    axes = {name: kwargs["QUANT_AXIS"] for name, kwargs in launched if kwargs["B1_4BIT"]}
+    assert axes == {"lora.y": 0, "lora.dx": 1}
+    assert all(kwargs["NESTED"] == nested for _, kwargs in launched if kwargs["B1_4BIT"])
+
+
+@pytest.mark.parametrize("k, dtype", [(45, torch.bfloat16), (64, torch.float32)])
+def test_4bit_weight_dequantised_first(k, dtype, launched):
+    # 45 in-features: quantisation blocks straddle rows; fp32 with TF32 off (torch's default): the
+    # dot is an FMA loop, which runs out of registers with the dequantisation in it (finding 2).
+    inputs = make_inputs((5,), k, 29, 4, dtype)
+    quantized = quantize(29, k, nested=True)
+    dense = bnb.functional.dequantize_4bit(quantized.data, quantized.quant_state).float()
+    check_against_reference({**inputs, "weight": quantized}, 1.5, dense_weight=dense.to(dtype))
+    assert launched and not any(kwargs["B1_4BIT"] for _, kwargs in launched)
+
+
+@pytest.mark.parametrize("shape", [(29, 45), (40, 128), (3, 5)])
+@pytest.mark.parametrize("quant_type, nested", [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)])
+def test_dequantize_4bit_torch_matches_bitsandbytes(shape, quant_type, nested):
+    quantized = quantize(*shape, quant_type, nested)
+    expected = bnb.functional.dequantize_4bit(quantized.data, quantized.quant_state).float()
+    weight = kernel_module.as_weight_4bit(quantized)
+    for chunk in (128, 1 << 24):  # several chunks, and one
+        dense = reference_dequantize(weight, chunk)
+        torch.testing.assert_close(dense, expected, rtol=0, atol=0)
+    assert weight.dense(torch.bfloat16).dtype == torch.bfloat16
+    torch.testing.assert_close(weight.t().dense(torch.float32), expected.t(), rtol=0, atol=0)
+
+
+def reference_dequantize(weight, chunk):
+    from alignlib.kernels.reference import dequantize_4bit_torch
+
+    return dequantize_4bit_torch(weight.packed, weight.absmax, weight.code, weight.blocksize, weight.shape,
+                                 torch.float32, absmax2=weight.absmax2, code2=weight.code2,
+                                 blocksize2=weight.blocksize2, offset=weight.offset, chunk=chunk)
+
+
+@pytest.fixture
+def fresh_fallbacks(monkeypatch):
+    """Forget earlier refusals and warnings (module state), for a test of the fallback."""
+    import alignlib.kernels.launch as launch_module
+
+    monkeypatch.setattr(launch_module, "_refused", set())
+    monkeypatch.setattr(launch_module, "_warned", set())
+    return launch_module
+
+
+def test_a_launch_refused_for_resources_falls_back_to_torch_with_one_warning(fresh_fallbacks, monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    refused = []
+    real_launch = fresh_fallbacks.launch
+
+    def out_of_shared_memory(name, kernel, grid, *args, **kwargs):
+        if name in ("lora.y", "lora.dx"):
+            refused.append(name)
+            raise OutOfResources(262144, 232448, "shared memory")
+        return real_launch(name, kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(fresh_fallbacks, "launch", out_of_shared_memory)
+    inputs = make_inputs((9,), 40, 24, 4, torch.float32)
+    with pytest.warns(RuntimeWarning, match="could not launch") as caught:
+        for _ in range(2):  # a second step: no new warning, no second attempt
+            check_against_reference(inputs, 1.25)
+    messages = [str(w.message) for w in caught if "could not launch" in str(w.message)]
+    assert len(messages) == 2 and any("lora.y" in m for m in messages) and any("lora.dx" in m for m in messages)
+    assert sorted(refused) == ["lora.dx", "lora.y"]
+    with pytest.raises(RuntimeError, match="unrelated"):  # any other error is not swallowed
+        monkeypatch.setattr(fresh_fallbacks, "launch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("unrelated")))
+        lora_linear(inputs["x"], inputs["weight"], inputs["lora_A"], inputs["lora_B"], 1.0)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_gpus_before_sm80_take_the_torch_path(quantized, launched, monkeypatch):
+    monkeypatch.setattr(tiles_module, "capability", lambda tensor: (7, 5))  # a T4
+    inputs = make_inputs((6,), 64, 20, 4, torch.float32)
+    weight = quantize(20, 64) if quantized else inputs["weight"]
+    dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float() if quantized else weight
+    y = lora_linear(inputs["x"], weight, inputs["lora_A"], inputs["lora_B"], 2.0, inputs["bias"])
+    expected = lora_linear_torch(inputs["x"], dense, inputs["lora_A"], inputs["lora_B"], 2.0, inputs["bias"])
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    assert not launched
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch without fp32_precision")
+def test_tf32_detection_with_both_torch_apis():
+    # finding 5: torch.backends.cuda.matmul.allow_tf32 raises a RuntimeError once the new
+    # fp32_precision API has been used (transformers' tf32=True does); lora_linear must not.
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    inputs = make_inputs((4,), 16, 8, 2, torch.float32)
+    try:
+        matmul.fp32_precision = "tf32"
+        with pytest.raises(RuntimeError):
+            _ = matmul.allow_tf32  # what the old code read
+        assert tiles_module.tf32_enabled() is True
+        y = lora_linear(inputs["x"], inputs["weight"], inputs["lora_A"], inputs["lora_B"], 1.0)
+        assert y.shape == (4, 8)
+        matmul.fp32_precision = "ieee"
+        assert tiles_module.tf32_enabled() is False
+        matmul.fp32_precision = "none"
+        matmul.allow_tf32 = True  # the legacy API alone
+        assert tiles_module.tf32_enabled() is True
+        matmul.allow_tf32 = False
+        assert tiles_module.tf32_enabled() is False
+    finally:
+        matmul.fp32_precision = before

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(
 # sides round a float32 value: in bf16 they may land one unit in the last place apart
 # (2^-8 relative), so the tolerance there is one bf16 ulp.
 OUT_TOL = {"rtol": 1e-5, "atol": 1e-5}
-GRAD_TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.bfloat16: {"rtol": 2**-7, "atol": 2**-8}}
+GRAD_TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.bfloat16: {"rtol": 2**-7, "atol": 2**-8},
+            torch.float16: {"rtol": 2**-10, "atol": 2**-11}}
 
 
 def forward_backward(fn, logits, labels, ignore_index=-100):
@@ -106,3 +107,50 @@ def test_errors():
         token_logprobs(torch.randn(2, 10, device=DEVICE), torch.tensor([3], device=DEVICE))
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         sequence_logprobs(torch.randn(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab, block", [(50, 16), (16, 16), (5, 8), (3, 4), (130, 32)])
+def test_rows_that_start_off_a_16_byte_boundary(vocab, block, dtype, monkeypatch):
+    # Each row is read from the 16-byte boundary before its start (the first block masked, full
+    # blocks unmasked, a masked tail): row starts at every offset within a vector, a V that is
+    # not a multiple of the vector, of the block, or smaller than either.
+    monkeypatch.setattr(kernel_module, "MAX_BLOCK_V", block)
+    storage = (3 * torch.randn(11 * (vocab + 9) + 8, device=DEVICE)).to(dtype)
+    for shift in range(8):
+        logits = storage[shift:shift + 11 * (vocab + 9)].reshape(11, vocab + 9)[:, 1:vocab + 1]
+        labels = torch.randint(0, vocab, (11,), device=DEVICE)
+        labels[3] = -100
+        labels[4], labels[5] = 0, vocab - 1
+        check_against_reference(logits, labels)
+
+
+@pytest.fixture
+def fresh_fallbacks(monkeypatch):
+    """Forget earlier refusals and warnings (module state), for a test of the fallback."""
+    import alignlib.kernels.launch as launch_module
+
+    monkeypatch.setattr(launch_module, "_refused", set())
+    monkeypatch.setattr(launch_module, "_warned", set())
+    return launch_module
+
+
+@pytest.mark.parametrize("refuse", ["logprobs.fwd", "logprobs.bwd"])
+def test_a_launch_refused_for_resources_falls_back_to_torch_with_one_warning(refuse, fresh_fallbacks, monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    real_launch = fresh_fallbacks.launch
+
+    def refusing(name, kernel, grid, *args, **kwargs):
+        if name == refuse:
+            raise OutOfResources(1 << 20, 232448, "shared memory")
+        return real_launch(name, kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(fresh_fallbacks, "launch", refusing)
+    logits = torch.randn(4, 3, 70, device=DEVICE)
+    labels = torch.randint(0, 70, (4, 3), device=DEVICE)
+    labels[0] = -100
+    with pytest.warns(RuntimeWarning, match=f"{refuse}.*could not launch") as caught:
+        check_against_reference(logits, labels)
+        check_against_reference(logits, labels)
+    assert sum("could not launch" in str(w.message) for w in caught) == 1
