@@ -1,6 +1,6 @@
 """The `alignlib` command.
 
-    alignlib train {dpo,orpo,simpo,cpo,reward} --model PATH --dataset PATH [--config FILE.yaml] [--KEY VALUE ...]
+    alignlib train {dpo,orpo,simpo,cpo,kto,reward} --model PATH --dataset PATH [--config FILE.yaml] [--KEY VALUE ...]
     alignlib train ppo [--model PATH] [--reward_model PATH | --reward module:function] [--dataset PROMPTS] [...]
     alignlib generate --model PATH --prompt TEXT [--max_new_tokens N] [--temperature T]
 
@@ -218,12 +218,14 @@ def _use_demo_data(objective: str, cfg, model_cfg) -> None:
 
 
 def _report(objective: str, result, demo: bool, model_cfg) -> None:
-    key = "accuracy_ties_half"
-    what = "reward-model accuracy" if objective == "reward" else "implicit-reward accuracy"
+    key = "rewards/margins" if objective == "kto" else "accuracy_ties_half"
+    what = {"reward": "reward-model accuracy", "kto": "implicit-reward margin, desirable - undesirable"}.get(
+        objective, "implicit-reward accuracy")
+    note = "" if objective == "kto" else "  (a tie counts 1/2)"
     print(f"\ntrained {result.steps} steps in {result.seconds:.0f} s; model saved in {result.model_dir}")
-    if result.eval_after:
-        before = f"{result.eval_before[key]:.3f} -> " if result.eval_before else ""
-        print(f"held-out {what}: {before}{result.eval_after[key]:.3f}  (a tie counts 1/2)")
+    if result.eval_after and key in result.eval_after:
+        before = f"{result.eval_before[key]:.3f} -> " if key in result.eval_before else ""
+        print(f"held-out {what}: {before}{result.eval_after[key]:.3f}{note}")
     print(f"metrics: {result.output_dir / 'metrics.jsonl'}")
     if demo and objective != "reward":
         from alignlib.demo import SAMPLE_PROMPTS

@@ -4,7 +4,7 @@ Field names follow TRL's configs (DPOConfig, ORPOConfig, CPOConfig, RewardConfig
 and the later PPOConfig), so a TRL user's YAML works unchanged; `alignlib.cli` parses them with
 transformers' HfArgumentParser, together with `alignlib.models.ModelConfig`.
 
-- `TrainConfig`: the offline objectives of `alignlib.trainer` (PAIRWISE_OBJECTIVES).
+- `TrainConfig`: the offline objectives of `alignlib.trainer` (OFFLINE_OBJECTIVES).
 - `PPOConfig`: the online loop of `alignlib.rl` (ONLINE_OBJECTIVES).
 
 Settings shared by every loop mean the same thing in each: `resume_from_checkpoint`
@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignlib.losses import CPO_LOSS_TYPES, DPO_LOSS_TYPES, KL_ESTIMATORS
+from alignlib.losses import CPO_LOSS_TYPES, DPO_LOSS_TYPES, KL_ESTIMATORS, KTO_LOSS_TYPES
 
-PAIRWISE_OBJECTIVES = ("dpo", "orpo", "simpo", "cpo", "reward")
+OFFLINE_OBJECTIVES = ("dpo", "orpo", "simpo", "cpo", "kto", "reward")
 ONLINE_OBJECTIVES = ("ppo",)
-OBJECTIVES = PAIRWISE_OBJECTIVES + ONLINE_OBJECTIVES
+OBJECTIVES = OFFLINE_OBJECTIVES + ONLINE_OBJECTIVES
 """Every objective of `alignlib train`, in the order the command lists them."""
 
 REFERENCE_STRATEGY_CHOICES = ("auto", "adapter_disabled", "model", "precomputed")
@@ -75,13 +75,16 @@ class TrainConfig:
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (CUDA)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     beta: float = field(default=0.1, metadata={"help": "DPO/CPO beta, ORPO lambda, SimPO beta (try 2.0)."})
-    loss_type: str = field(default="sigmoid", metadata={"help": "DPO: any dpo_loss type; CPO: sigmoid, hinge, ipo, simpo."})
+    loss_type: str | None = field(default=None, metadata={"help": "DPO: any dpo_loss type (default sigmoid); CPO: "
+                                  "sigmoid (default), hinge, ipo, simpo; KTO: kto (default), apo_zero_unpaired."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Conservative DPO / CPO / SimPO label noise."})
     rpo_alpha: float | None = field(default=None, metadata={"help": "DPO: weight of the NLL of chosen responses (RPO)."})
     cpo_alpha: float = field(default=1.0, metadata={"help": "CPO: weight of the NLL of chosen responses."})
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO / CPO-simpo target margin."})
     f_divergence_type: str = field(default="reverse_kl", metadata={"help": "DPO f-divergence."})
     center_rewards_coefficient: float | None = field(default=None, metadata={"help": "Reward model centering."})
+    desirable_weight: float = field(default=1.0, metadata={"help": "KTO: weight of the desirable rows' losses."})
+    undesirable_weight: float = field(default=1.0, metadata={"help": "KTO: weight of the undesirable rows' losses."})
     reference_strategy: str = field(default="auto", metadata={"help": "auto, adapter_disabled, model, precomputed."})
     use_kernels: bool = field(default=False, metadata={"help": "Fused log-probs from hidden states (and the "
                               "Triton LoRA matmul on CUDA)."})
@@ -99,8 +102,8 @@ class TrainConfig:
         that cannot work for `objective`. Reads nothing but the settings and writes nothing; the
         objective's loss options are tried on the loss function itself (`_check_loss_options`), so
         they are refused here, before a run touches its output folder."""
-        if objective not in PAIRWISE_OBJECTIVES:
-            raise ValueError(f"unknown objective {objective!r}; known: {', '.join(PAIRWISE_OBJECTIVES)}")
+        if objective not in OFFLINE_OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; known: {', '.join(OFFLINE_OBJECTIVES)}")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps"):
             if _whole(getattr(self, name)) < 1:
@@ -125,10 +128,15 @@ class TrainConfig:
         if self.reference_strategy not in REFERENCE_STRATEGY_CHOICES:
             raise ValueError(f"reference_strategy must be one of {', '.join(REFERENCE_STRATEGY_CHOICES)}, "
                              f"got {self.reference_strategy!r}")
-        if objective == "dpo" and self.loss_type not in DPO_LOSS_TYPES:
+        if objective == "dpo" and self.loss_type not in (None, *DPO_LOSS_TYPES):
             raise ValueError(f"unknown DPO loss_type {self.loss_type!r}; known: {', '.join(DPO_LOSS_TYPES)}")
-        if objective == "cpo" and self.loss_type not in CPO_LOSS_TYPES:
+        if objective == "cpo" and self.loss_type not in (None, *CPO_LOSS_TYPES):
             raise ValueError(f"unknown CPO loss_type {self.loss_type!r}; known: {', '.join(CPO_LOSS_TYPES)}")
+        if objective == "kto" and self.loss_type not in (None, *KTO_LOSS_TYPES):
+            raise ValueError(f"unknown KTO loss_type {self.loss_type!r}; known: {', '.join(KTO_LOSS_TYPES)}")
+        if objective == "kto" and self.reference_strategy == "precomputed":
+            raise ValueError("kto: reference_strategy 'precomputed' cannot serve KTO, whose reference point pairs each "
+                             "step's prompts with other completions of the step: use 'auto', 'model' or 'adapter_disabled'")
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {self.on_nonfinite!r}")
         if self.fsdp and self.use_kernels:
@@ -144,12 +152,12 @@ class TrainConfig:
         anything is loaded or written, with the loss's message."""
         import torch
 
-        from alignlib.losses import cpo_loss, dpo_loss, orpo_loss, reward_ranking_loss, simpo_loss
+        from alignlib.losses import cpo_loss, dpo_loss, kto_loss, orpo_loss, reward_ranking_loss, simpo_loss
 
         chosen, rejected, ones = torch.tensor([-1.0]), torch.tensor([-2.0]), torch.ones(1)
         try:
             if objective == "dpo":
-                dpo_loss(chosen, rejected, chosen, rejected, beta=self.beta, loss_type=self.loss_type,
+                dpo_loss(chosen, rejected, chosen, rejected, beta=self.beta, loss_type=self.loss_type or "sigmoid",
                          label_smoothing=self.label_smoothing, chosen_lengths=ones, rejected_lengths=ones,
                          f_divergence_type=self.f_divergence_type)
             elif objective == "orpo":
@@ -157,8 +165,14 @@ class TrainConfig:
             elif objective == "simpo":
                 simpo_loss(chosen, rejected, beta=self.beta, gamma=self.simpo_gamma, label_smoothing=self.label_smoothing)
             elif objective == "cpo":
-                cpo_loss(chosen, rejected, beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+                cpo_loss(chosen, rejected, beta=self.beta, loss_type=self.loss_type or "sigmoid",
+                         label_smoothing=self.label_smoothing,
                          simpo_gamma=self.simpo_gamma)
+            elif objective == "kto":
+                loss_type = self.loss_type or "kto"
+                kto_loss(chosen, rejected, torch.tensor([True]), kl=None if loss_type == "apo_zero_unpaired" else 0.0,
+                         beta=self.beta, desirable_weight=self.desirable_weight,
+                         undesirable_weight=self.undesirable_weight, loss_type=loss_type)
             else:
                 reward_ranking_loss(chosen, rejected, center_rewards_coefficient=self.center_rewards_coefficient)
         except ValueError as exc:
@@ -168,9 +182,12 @@ class TrainConfig:
             if value is not None and (not _is_number(value) or value < 0):
                 raise ValueError(f"{name} must be None or a finite number >= 0, got {value!r}")
         # Options the objective does not read are refused rather than ignored.
-        if objective in ("orpo", "simpo", "reward") and self.loss_type != "sigmoid":
-            raise ValueError(f"{objective} has no loss_type (got {self.loss_type!r}); loss_type is read by dpo and cpo")
-        if objective in ("orpo", "reward") and self.label_smoothing != 0:
+        if objective in ("orpo", "simpo", "reward") and self.loss_type is not None:
+            raise ValueError(f"{objective} has no loss_type (got {self.loss_type!r}); loss_type is read by dpo, cpo "
+                             "and kto")
+        if objective != "kto" and (self.desirable_weight != 1.0 or self.undesirable_weight != 1.0):
+            raise ValueError(f"desirable_weight and undesirable_weight are KTO options; {objective} does not read them")
+        if objective in ("orpo", "reward", "kto") and self.label_smoothing != 0:
             raise ValueError(f"{objective} does not read label_smoothing (got {self.label_smoothing!r})")
         if objective != "dpo" and (self.rpo_alpha is not None or self.f_divergence_type != "reverse_kl"):
             raise ValueError(f"rpo_alpha and f_divergence_type are DPO options; {objective} does not read them")

@@ -19,7 +19,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -244,12 +244,17 @@ class MetricWindow:
         """This rank's running mean of a metric over its pairs (for the progress bar)."""
         return self.sums.get(key, 0.0) / max(self.local_pairs, 1)
 
-    def summary(self, processes: Processes = SINGLE_PROCESS, **extra: float) -> dict[str, float] | None:
-        """The window's means over every rank's pairs, with `extra` values added; None when no
-        step was added. Every rank must call it (the sums are gathered). Resets the window."""
+    def summary(self, processes: Processes = SINGLE_PROCESS, *,
+                means: Callable[[dict[str, float], float], dict[str, float]] | None = None,
+                **extra: float) -> dict[str, float] | None:
+        """The window's means over every rank's examples, with `extra` values added; None when no
+        step was added. `means(sums, examples)` turns the summed metrics into the logged ones
+        (default: each divided by the examples). Every rank must call it (the sums are gathered).
+        Resets the window."""
         record = None
         if self.pairs:
-            record = {key: value / self.pairs for key, value in sum_across(self.sums, processes).items()}
+            sums = sum_across(self.sums, processes)
+            record = means(sums, self.pairs) if means else {key: value / self.pairs for key, value in sums.items()}
             record["loss"] = self.loss_sum / self.pairs
             record.update(extra)
             record["grad_norm"] = self.grad_norm

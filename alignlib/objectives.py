@@ -1,9 +1,9 @@
-r"""What each offline objective computes on one micro-batch: log-probs, per-pair losses, metrics.
+r"""What each offline objective computes on one micro-batch: log-probs, per-example losses, metrics.
 
-A micro-batch holds B pairs stacked into one forward pass: rows 0..B-1 are the chosen
-sequences and rows B..2B-1 the rejected ones (alignlib.data.PreferenceCollator). For every
-objective but the reward model, the policy's forward gives each row's summed log-prob of its
-labelled (response) tokens and their count; then
+Pairwise objectives: a micro-batch holds B pairs stacked into one forward pass, rows 0..B-1 the
+chosen sequences and rows B..2B-1 the rejected ones (alignlib.data.PreferenceCollator). For
+every objective but the reward model, the policy's forward gives each row's summed log-prob of
+its labelled (response) tokens and their count; then
 
     dpo     dpo_loss(log pi(y_w), log pi(y_l), log pi_ref(y_w), log pi_ref(y_l))   summed log-probs
     orpo    orpo_loss(mean log pi(y_w), mean log pi(y_l))                         per-token means
@@ -11,8 +11,14 @@ labelled (response) tokens and their count; then
     cpo     cpo_loss(log pi(y_w), log pi(y_l))       summed (sigmoid, hinge), per-token means (ipo, simpo)
     reward  reward_ranking_loss(r(x, y_w), r(x, y_l))                             a score per row
 
-`pairwise_terms` returns sums over the micro-batch's pairs (`BatchTerms`), never means, so
-that the trainer can divide by the size of the whole optimizer step: micro-batches then add
+KTO: a micro-batch holds B unpaired rows, each desirable or not (alignlib.data.UnpairedCollator),
+and the step's reference point z0 comes first (`kto_kl`, over mismatched prompt/completion
+pairs of the whole step, summed over micro-batches and ranks):
+
+    kto     kto_loss(log pi(y), log pi_ref(y), desirable, kl=z0)                    summed log-probs
+
+`micro_batch_terms` returns sums over the micro-batch's examples (`BatchTerms`), never means,
+so that the trainer can divide by the size of the whole optimizer step: micro-batches then add
 up to the step exactly, whatever their sizes.
 """
 
@@ -24,15 +30,31 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from alignlib.logprobs import IGNORE_INDEX, sequence_logprobs, sequence_logprobs_from_hidden
-from alignlib.losses import cpo_loss, dpo_loss, orpo_loss, reward_ranking_loss, simpo_loss
+from alignlib.losses import (
+    KLSum,
+    cpo_loss,
+    dpo_loss,
+    kto_kl_sum,
+    kto_loss,
+    orpo_loss,
+    reward_ranking_loss,
+    simpo_loss,
+)
 from alignlib.training import finite_or_poisoned
 
 if TYPE_CHECKING:
     from alignlib.configs import TrainConfig
 
 __all__ = [
+    "DATA_KINDS",
+    "DEFAULT_LOSS_TYPES",
     "BatchTerms",
     "PolicyOutputs",
+    "kto_kl",
+    "loss_type_for",
+    "metric_means",
+    "micro_batch_terms",
+    "nll_tokens",
     "nll_weight",
     "pairwise_terms",
     "reference_logps",
@@ -40,22 +62,32 @@ __all__ = [
     "uses_average_logps",
 ]
 
+DATA_KINDS = {"dpo": "pairs", "orpo": "pairs", "simpo": "pairs", "cpo": "pairs", "reward": "pairs", "kto": "unpaired"}
+"""What one example of each objective is: a preference pair, or one unpaired row (desirable or not)."""
+DEFAULT_LOSS_TYPES = {"dpo": "sigmoid", "cpo": "sigmoid", "kto": "kto"}
+"""loss_type when none is given, for the objectives that have one (TRL's defaults)."""
+
 
 @dataclass
 class BatchTerms:
     """What one micro-batch contributes; sums, so micro-batches add up to the step exactly."""
 
-    pair_loss_sum: torch.Tensor  # sum over pairs of the objective's per-pair loss
-    nll_sum: torch.Tensor  # sum of -log p over chosen response tokens (0 if unused)
-    chosen_tokens: int
-    metric_sums: dict[str, float]  # TRL-named metrics, summed over pairs
-    pairs: int
-    ties: int  # pairs whose chosen and rejected rewards are exactly equal
+    loss_sum: torch.Tensor  # sum over examples of the objective's per-example loss
+    nll_sum: torch.Tensor  # sum of -log p over the NLL's tokens (chosen responses; 0 if unused)
+    nll_tokens: int  # how many tokens nll_sum covers
+    metric_sums: dict[str, float]  # TRL-named metrics, summed over examples
+    examples: int  # pairs, or unpaired rows
+    ties: int  # pairs whose chosen and rejected rewards are exactly equal (0 for unpaired rows)
+
+
+def loss_type_for(objective: str, cfg: TrainConfig) -> str | None:
+    """cfg.loss_type, or the objective's default (DEFAULT_LOSS_TYPES) when none was given."""
+    return cfg.loss_type or DEFAULT_LOSS_TYPES.get(objective)
 
 
 def uses_average_logps(objective: str, cfg: TrainConfig) -> bool:
     """ORPO, SimPO and CPO's simpo/ipo types score a response by its mean token log-prob."""
-    return objective in ("orpo", "simpo") or (objective == "cpo" and cfg.loss_type in ("ipo", "simpo"))
+    return objective in ("orpo", "simpo") or (objective == "cpo" and loss_type_for(objective, cfg) in ("ipo", "simpo"))
 
 
 def nll_weight(objective: str, cfg: TrainConfig) -> float:
@@ -137,6 +169,20 @@ def reference_logps(reference: Any, batch: dict, pairs: int) -> tuple[torch.Tens
 # ----------------------------------------------------------------------------------------------
 
 
+def micro_batch_terms(objective: str, cfg: TrainConfig, model: torch.nn.Module, batch: dict, reference: Any, *,
+                      policy: torch.nn.Module | None = None, z0: float | None = None) -> BatchTerms:
+    """The objective's summed per-example losses, NLL and metrics for one micro-batch.
+
+    `policy`: the PolicyOutputs of `model` to run (e.g. wrapped in DDP); by default a plain one.
+    `reference`: the reference policy (a ReferenceForward) of dpo and kto, unless the batch
+    carries precomputed `ref_logps`. `z0`: KTO's reference point for the step (`kto_kl`).
+    """
+    policy = policy if policy is not None else PolicyOutputs(model, objective, cfg.use_kernels)
+    if objective == "kto":
+        return kto_terms(cfg, policy, batch, reference, z0)
+    return pairwise_terms(objective, cfg, model, batch, reference, policy=policy)
+
+
 def pairwise_terms(objective: str, cfg: TrainConfig, model: torch.nn.Module, batch: dict, reference: Any,
                    *, policy: torch.nn.Module | None = None) -> BatchTerms:
     """The objective's per-pair losses for one micro-batch of B pairs (rows: B chosen, then B rejected),
@@ -156,7 +202,7 @@ def pairwise_terms(objective: str, cfg: TrainConfig, model: torch.nn.Module, bat
     chosen, rejected = logps[:pairs], logps[pairs:]
     if objective == "dpo":
         ref_chosen, ref_rejected = reference_logps(reference, batch, pairs)
-        out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta, loss_type=cfg.loss_type,
+        out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta, loss_type=loss_type_for(objective, cfg),
                        label_smoothing=cfg.label_smoothing, chosen_lengths=counts[:pairs],
                        rejected_lengths=counts[pairs:], f_divergence_type=cfg.f_divergence_type)
     elif objective == "orpo":
@@ -164,8 +210,8 @@ def pairwise_terms(objective: str, cfg: TrainConfig, model: torch.nn.Module, bat
     elif objective == "simpo":
         out = simpo_loss(chosen, rejected, beta=cfg.beta, gamma=cfg.simpo_gamma, label_smoothing=cfg.label_smoothing)
     else:
-        out = cpo_loss(chosen, rejected, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
-                       simpo_gamma=cfg.simpo_gamma)
+        out = cpo_loss(chosen, rejected, beta=cfg.beta, loss_type=loss_type_for(objective, cfg),
+                       label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma)
 
     metrics = {
         "rewards/chosen": out.chosen_rewards.sum().item(),
@@ -200,3 +246,72 @@ def _reward_terms(cfg: TrainConfig, policy: torch.nn.Module, batch: dict, pairs:
 
 def _ties(out) -> int:
     return int((out.chosen_rewards == out.rejected_rewards).sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# KTO: unpaired rows, and the step's reference point
+# ----------------------------------------------------------------------------------------------
+
+
+def kto_kl(policy: torch.nn.Module, reference: Any, kl_batch: dict) -> KLSum:
+    """The sum and count of log pi - log pi_ref over one micro-batch of mismatched pairs (no grad):
+    the trainer adds them up over the step's micro-batches and ranks, and z0 = max(0, total / count)."""
+    with torch.no_grad():
+        policy_logps, _ = policy(kl_batch["input_ids"], kl_batch["attention_mask"], kl_batch["labels"])
+        ref_logps = sequence_logprobs(reference(kl_batch["input_ids"], kl_batch["attention_mask"]), kl_batch["labels"])
+    return kto_kl_sum(policy_logps, ref_logps)
+
+
+def kto_terms(cfg: TrainConfig, policy: torch.nn.Module, batch: dict, reference: Any, z0: float | None) -> BatchTerms:
+    """KTO's per-example losses over B unpaired rows, for the step's z0, with TRL's metrics as sums
+    (rewards and log-probs of the desirable rows and of the others, and their counts)."""
+    logps, _ = policy(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    logps, poison = finite_or_poisoned(logps)
+    if "ref_logps" in batch:  # precomputed
+        ref = batch["ref_logps"]
+    else:
+        ref = sequence_logprobs(reference(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+    desirable = batch["desirable"].to(logps.device)
+    kl = None if loss_type_for("kto", cfg) == "apo_zero_unpaired" else (z0 or 0.0)
+    out = kto_loss(logps, ref, desirable, kl=kl, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
+                   undesirable_weight=cfg.undesirable_weight, loss_type=loss_type_for("kto", cfg))
+    rows = desirable.shape[0]
+    metrics = {
+        "rewards/chosen": out.chosen_rewards.sum().item(),
+        "rewards/rejected": out.rejected_rewards.sum().item(),
+        "logps/chosen": logps.detach()[desirable].sum().item(),
+        "logps/rejected": logps.detach()[~desirable].sum().item(),
+        "count/chosen": float(desirable.sum()),
+        "count/rejected": float((~desirable).sum()),
+        "kl": float(out.kl) * rows,  # the step's z0, as a sum over rows (its mean is z0)
+    }
+    return BatchTerms(out.losses.sum() + poison, logps.new_zeros(()), 0, metrics, rows, 0)
+
+
+def nll_tokens(objective: str, batch: dict) -> int:
+    """The tokens the objective's NLL term covers in a micro-batch: the chosen responses' of a pair
+    batch (its first half); none for unpaired rows."""
+    if DATA_KINDS[objective] != "pairs":
+        return 0
+    labels = batch["labels"]
+    return int((labels[: labels.shape[0] // 2, 1:] != IGNORE_INDEX).sum())
+
+
+def metric_means(objective: str, sums: dict[str, float], examples: float) -> dict[str, float]:
+    """The logged means of summed metrics: per example, except KTO's chosen/rejected metrics,
+    which average over the desirable (or undesirable) rows, as TRL's KTOTrainer logs them."""
+    if objective != "kto":
+        return {key: value / examples for key, value in sums.items()}
+    sums = dict(sums)
+    counts = {"chosen": sums.pop("count/chosen", 0.0), "rejected": sums.pop("count/rejected", 0.0)}
+    means = {}
+    for key, value in sums.items():
+        side = key.rsplit("/", 1)[-1]
+        if side in counts:
+            if counts[side]:
+                means[key] = value / counts[side]
+        else:
+            means[key] = value / examples
+    if "rewards/chosen" in means and "rewards/rejected" in means:
+        means["rewards/margins"] = means["rewards/chosen"] - means["rewards/rejected"]
+    return means

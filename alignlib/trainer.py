@@ -1,27 +1,29 @@
-r"""The offline trainer: DPO (every `dpo_loss` type), ORPO, SimPO, CPO and reward models.
+r"""The offline trainer: DPO (every `dpo_loss` type), ORPO, SimPO, CPO, KTO and reward models.
 
 One optimizer step, for any objective (`train_step`):
 
-    pairs  = the step's N_pairs examples (Schedule; this rank's share under torchrun)
-    for each micro-batch of per_device_train_batch_size pairs (chosen and rejected in one forward):
-        terms = pairwise_terms(...)      per-pair losses (alignlib.losses), summed; NLL of chosen tokens
-        backward( terms.pair_loss_sum / N_pairs  +  alpha * terms.nll_sum / N_chosen_tokens )
+    examples = the step's N examples, pairs or unpaired rows (Schedule; this rank's share under torchrun)
+    KTO only: z0 = KL(policy || reference) on the step's mismatched prompt/completion pairs (`_kto_z0`)
+    for each micro-batch of per_device_train_batch_size examples (a pair's two sides in one forward):
+        terms = micro_batch_terms(...)   per-example losses (alignlib.losses), summed; NLL of chosen tokens
+        backward( terms.loss_sum / N  +  alpha * terms.nll_sum / N_nll_tokens )
     clip the gradient norm
     if the loss and the norm are finite: optimizer step      (else on_nonfinite: stop, or skip the update)
     scheduler step
 
-N_pairs and N_chosen_tokens count the whole step (over every micro-batch and rank), so
-gradient accumulation is exact: k micro-batches of b pairs give the gradient of one batch of
-k*b pairs, also when the last micro-batch is smaller (dividing each micro-batch by its own
-size, as peers do, weights the pairs of a short micro-batch more). alpha is the objective's
-NLL weight (`nll_weight`: ORPO 1, CPO cpo_alpha, DPO rpo_alpha, else 0).
+N, N_nll_tokens and z0 are the whole step's (over every micro-batch and rank), so gradient
+accumulation is exact: k micro-batches of b examples give the gradient of one batch of k*b,
+also when the last micro-batch is smaller (dividing each micro-batch by its own size, as peers
+do, weights the examples of a short micro-batch more; estimating z0 per micro-batch, as TRL
+does, makes the loss depend on the split). alpha is the objective's NLL weight (`nll_weight`:
+ORPO 1, CPO cpo_alpha, DPO rpo_alpha, else 0).
 
 The run (`setup`) is built once: tokenizer, data, model (LoRA/QLoRA), the reference, DDP or
 FSDP wrapping, optimizer and scheduler, resume, the metrics logger. The loop (`train`) runs
 `train_step` and, when due, writes a metrics line, evaluates and saves a checkpoint; at the
 end it evaluates and saves the model.
 
-The reference policy of DPO (`reference_strategy`): "adapter_disabled" (LoRA: the same model
+The reference policy of DPO and KTO (`reference_strategy`): "adapter_disabled" (LoRA: the same model
 with its adapter off), "model" (a frozen copy loaded from the same path), "precomputed"
 (reference log-probs computed once before training); "auto" picks the first for a LoRA policy
 and the second otherwise.
@@ -46,14 +48,18 @@ from typing import Any
 import torch
 
 from alignlib.checkpoint import read_trainer_state, write_text_atomic
-from alignlib.configs import PAIRWISE_OBJECTIVES, TrainConfig
+from alignlib.configs import OFFLINE_OBJECTIVES, TrainConfig
 from alignlib.data import (
     TOKENIZED_COLUMNS,
+    UNPAIRED_COLUMNS,
     PreferenceCollator,
+    UnpairedCollator,
     check_token_ids,
     load_preference_dataset,
+    load_unpaired_dataset,
     pad_token_id_for,
     tokenize_preference_dataset,
+    tokenize_unpaired_dataset,
 )
 from alignlib.distributed import (
     SINGLE_PROCESS,
@@ -69,7 +75,7 @@ from alignlib.distributed import (
     wrap,
 )
 from alignlib.distributed import setup as setup_processes
-from alignlib.logprobs import IGNORE_INDEX, sequence_logprobs
+from alignlib.logprobs import sequence_logprobs
 from alignlib.metrics import MetricsLogger, MetricWindow, Progress, read_metrics
 from alignlib.models import (
     ModelConfig,
@@ -80,7 +86,16 @@ from alignlib.models import (
     load_tokenizer,
     make_reference,
 )
-from alignlib.objectives import BatchTerms, PolicyOutputs, nll_weight, pairwise_terms
+from alignlib.objectives import (
+    DATA_KINDS,
+    BatchTerms,
+    PolicyOutputs,
+    kto_kl,
+    metric_means,
+    micro_batch_terms,
+    nll_tokens,
+    nll_weight,
+)
 from alignlib.run_folder import (
     OutputDirLock,
     check_output_dir,
@@ -111,7 +126,7 @@ from alignlib.training import (
 
 __all__ = ["OBJECTIVES", "Run", "StepResult", "TrainConfig", "TrainResult", "setup", "train", "train_step"]
 
-OBJECTIVES = PAIRWISE_OBJECTIVES
+OBJECTIVES = OFFLINE_OBJECTIVES
 
 
 @dataclass
@@ -134,7 +149,7 @@ class Run:
     tokenizer: Any
     train_set: Any  # tokenized pairs (alignlib.data.tokenize_preference_dataset)
     eval_set: Any | None
-    collator: PreferenceCollator
+    collator: PreferenceCollator | UnpairedCollator
     model: torch.nn.Module  # the model being trained (a peft model with LoRA)
     policy: torch.nn.Module  # its PolicyOutputs, wrapped in DDP under torchrun
     sync_target: torch.nn.Module  # what holds back the gradient all-reduce (the DDP wrapper, or the FSDP model)
@@ -160,7 +175,10 @@ class Run:
         return nll_weight(self.objective, self.cfg)
 
     @property
-    def accuracy_key(self) -> str:
+    def accuracy_key(self) -> str | None:
+        """The metric the progress bar shows: pair accuracy (None for unpaired rows)."""
+        if DATA_KINDS[self.objective] != "pairs":
+            return None
         return "accuracy" if self.objective == "reward" else "rewards/accuracies"
 
     def epoch(self, step: int) -> float:
@@ -232,11 +250,13 @@ def train_loop(run: Run) -> TrainResult:
             run.step = done
             window.tokens.add(result.tokens)
             if result.updated:
-                window.add(result.metric_sums, loss=result.loss, pairs=result.pairs, local_pairs=result.local_pairs,
-                           grad_norm=result.grad_norm)
-            bar.update(loss=result.loss, acc=window.local_mean(run.accuracy_key))
+                window.add(result.metric_sums, loss=result.loss, pairs=result.examples,
+                           local_pairs=result.local_examples, grad_norm=result.grad_norm)
+            shown = {"acc": window.local_mean(run.accuracy_key)} if run.accuracy_key else {}
+            bar.update(loss=result.loss, **shown)
             if done % cfg.logging_steps == 0 or last:
-                record = window.summary(run.processes, learning_rate=run.scheduler.get_last_lr()[0])
+                record = window.summary(run.processes, means=lambda sums, n: metric_means(run.objective, sums, n),
+                                        learning_rate=run.scheduler.get_last_lr()[0])
                 if record is not None:
                     run.logger.log(record, step=done, epoch=run.epoch(done))
             if run.eval_set is not None and cfg.eval_steps and done % cfg.eval_steps == 0 and not last:
@@ -259,35 +279,37 @@ class StepResult:
     loss: float  # the step's loss, over every rank
     grad_norm: float
     updated: bool  # False when on_nonfinite='skip' dropped the update
-    metric_sums: dict[str, float]  # this rank's metric sums over its pairs
-    pairs: int  # the step's pairs, over every rank
-    local_pairs: int  # this rank's
+    metric_sums: dict[str, float]  # this rank's metric sums over its examples
+    examples: int  # the step's examples (pairs or unpaired rows), over every rank
+    local_examples: int  # this rank's
     tokens: int  # this rank's tokens (for tokens_per_second)
 
 
 def train_step(run: Run, step: int) -> StepResult:
     """One optimizer step (0-based `step`): the pseudo-code of the module docstring."""
     cfg, processes = run.cfg, run.processes
-    everyone = run.schedule.step_indices(step)  # the step's pairs, over every rank
+    everyone = run.schedule.step_indices(step)  # the step's examples, over every rank
     mine = run.schedule.micro_batches(step, processes)  # this rank's, in micro-batches
-    # An empty micro-batch (a short last step) runs the step's first pair with zero weight.
+    # An empty micro-batch (a short last step) runs the step's first example with zero weight.
     batches = [run.collate("train", indices or everyone[:1]) for indices in mine]
-    n_pairs = len(everyone)
-    n_chosen_tokens = _chosen_tokens(batches, mine, processes) if run.nll_alpha else 0
+    n_examples = len(everyone)
+    n_nll_tokens = _nll_tokens(run, batches, mine) if run.nll_alpha else 0
+    z0 = _kto_z0(run, "train", everyone) if run.objective == "kto" else None
 
     loss_value, metric_sums, tokens = 0.0, {}, 0
     for position, (batch, indices) in enumerate(zip(batches, mine, strict=True)):
         weight = processes.world_size if indices else 0.0  # ranks' gradients are averaged; an empty micro-batch adds 0
         with no_sync(run.sync_target, skip=position < len(batches) - 1):
             with run.autocast():
-                terms = pairwise_terms(run.objective, cfg, run.model, batch, run.reference, policy=run.policy)
-                loss = terms.pair_loss_sum / n_pairs
+                terms = micro_batch_terms(run.objective, cfg, run.model, batch, run.reference, policy=run.policy,
+                                          z0=z0)
+                loss = terms.loss_sum / n_examples
                 if run.nll_alpha:
-                    loss = loss + run.nll_alpha * terms.nll_sum / max(n_chosen_tokens, 1)
+                    loss = loss + run.nll_alpha * terms.nll_sum / max(n_nll_tokens, 1)
             (loss * weight).backward()
         if indices:
             loss_value += loss.item()
-            _add_metrics(metric_sums, terms, n_pairs, n_chosen_tokens, run.nll_alpha)
+            _add_metrics(metric_sums, terms, n_examples, n_nll_tokens, run.nll_alpha)
             tokens += int(batch["attention_mask"].sum())
     loss_value = sum_tensor(torch.tensor([loss_value], dtype=torch.float64, device=run.device), processes).item()
 
@@ -297,26 +319,41 @@ def train_step(run: Run, step: int) -> StepResult:
         run.optimizer.step()
     step_scheduler(run.scheduler)
     run.optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_value, grad_norm, updated, metric_sums, n_pairs, sum(map(len, mine)), tokens)
+    return StepResult(loss_value, grad_norm, updated, metric_sums, n_examples, sum(map(len, mine)), tokens)
 
 
-def _chosen_tokens(batches: list[dict], mine: list[list[int]], processes: Processes) -> int:
-    """Labelled tokens of the chosen rows (each micro-batch's first half) of the step, over every rank."""
-    count = 0
-    for batch, indices in zip(batches, mine, strict=True):
-        if indices:
-            labels = batch["labels"]
-            count += int((labels[: labels.shape[0] // 2, 1:] != IGNORE_INDEX).sum())
-    return int(sum_tensor(torch.tensor([count], device=batches[0]["labels"].device), processes).item())
+def _nll_tokens(run: Run, batches: list[dict], mine: list[list[int]]) -> int:
+    """The tokens the step's NLL term covers (the chosen responses'), over every rank."""
+    count = sum(nll_tokens(run.objective, batch) for batch, indices in zip(batches, mine, strict=True) if indices)
+    return int(sum_tensor(torch.tensor([count], device=run.device), run.processes).item())
 
 
-def _add_metrics(sums: dict[str, float], terms: BatchTerms, n_pairs: int, n_chosen_tokens: int,
+def _kto_z0(run: Run, split: str, indices: list[int]) -> float:
+    """KTO's reference point for the examples `indices` (a step's, in the step's order, over every
+    rank): the mean of log pi - log pi_ref over the mismatched pairs (prompt of example j, completion
+    of example j - 1, the first taking the last's), each rank computing its share, clamped at 0.
+    The same whatever the split into micro-batches and ranks. A single example is paired with itself."""
+    dataset = run.train_set if split == "train" else run.eval_set
+    pairs = [(indices[j], indices[j - 1]) for j in range(len(indices))]
+    total, count = 0.0, 0.0
+    for chunk in rank_batches(list(range(len(pairs))), run.cfg.per_device_train_batch_size, run.processes):
+        chosen = [pairs[k] for k in (chunk or [0])]  # an empty share still runs the forward (FSDP needs every rank)
+        kl_batch = run.collator.mismatched([dataset[a] for a, _ in chosen], [dataset[b] for _, b in chosen])
+        with run.autocast():
+            part = kto_kl(run.policy, run.reference, {key: value.to(run.device) for key, value in kl_batch.items()})
+        if chunk:
+            total, count = total + float(part.total), count + float(part.count)
+    sums = sum_across({"total": total, "count": count}, run.processes)
+    return max(0.0, sums["total"] / sums["count"])
+
+
+def _add_metrics(sums: dict[str, float], terms: BatchTerms, n_examples: int, n_nll_tokens: int,
                  nll_alpha: float) -> None:
-    """Add a micro-batch's metric sums (the NLL as its share of the step's mean, times the step's pairs)."""
+    """Add a micro-batch's metric sums (the NLL as its share of the step's mean, times the step's examples)."""
     for key, value in terms.metric_sums.items():
         sums[key] = sums.get(key, 0.0) + value
     if nll_alpha:
-        sums["nll_loss"] = sums.get("nll_loss", 0.0) + terms.nll_sum.item() / max(n_chosen_tokens, 1) * n_pairs
+        sums["nll_loss"] = sums.get("nll_loss", 0.0) + terms.nll_sum.item() / max(n_nll_tokens, 1) * n_examples
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,17 +368,17 @@ def setup(objective: str, cfg: TrainConfig, model_cfg: ModelConfig, processes: P
     started = time.perf_counter()
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(model_cfg.model_name_or_path, revision=model_cfg.model_revision, what="model")
-    train_set, eval_set = _load_datasets(cfg, tokenizer, processes)
+    train_set, eval_set = _load_datasets(objective, cfg, tokenizer, processes)
     model = _load_model(objective, model_cfg, tokenizer, gradient_checkpointing=cfg.gradient_checkpointing)
     for dataset, what in ((train_set, "train dataset"), (eval_set, "eval dataset")):
         if dataset is not None:
             check_token_ids(dataset, model.get_input_embeddings().num_embeddings, what=what)
     device = _place(model, processes)
-    collator = PreferenceCollator(pad_token_id_for(tokenizer), for_reward_model=objective == "reward")
+    collator = _collator(objective, cfg, tokenizer)
     unfuse_lora = _maybe_fuse_lora(model, cfg)
 
     reference, ref_logps = None, {"train": None, "eval": None}
-    if objective == "dpo":
+    if objective in ("dpo", "kto"):
         reference = make_reference(_reference_strategy(cfg, model_cfg), model, model_cfg)
         if reference.precompute_only:
             ref_logps["train"] = _precompute_reference(reference, train_set, collator, cfg, device, processes)
@@ -367,7 +404,8 @@ def setup(objective: str, cfg: TrainConfig, model_cfg: ModelConfig, processes: P
                                warmup_ratio=None if cfg.warmup_steps else cfg.warmup_ratio)
     fsdp_vessel = (lambda: _fresh_model(objective, model_cfg, tokenizer)) if cfg.fsdp else None
 
-    record = run_record(objective, cfg, model_cfg, data=dataset_fingerprint(train_set, TOKENIZED_COLUMNS),
+    columns = TOKENIZED_COLUMNS if DATA_KINDS[objective] == "pairs" else UNPAIRED_COLUMNS
+    record = run_record(objective, cfg, model_cfg, data=dataset_fingerprint(train_set, columns),
                         world_size=processes.world_size)
     start_step = 0
     if checkpoint is None and resume_requested(cfg.resume_from_checkpoint) and not cfg.overwrite_output_dir:
@@ -414,16 +452,39 @@ def _claim_output_dir(objective: str, cfg: TrainConfig, model_cfg: ModelConfig, 
     return logger
 
 
-def _load_datasets(cfg: TrainConfig, tokenizer, processes: Processes):
-    """The tokenized train set and eval set (None without eval_dataset_name)."""
+def _load_datasets(objective: str, cfg: TrainConfig, tokenizer, processes: Processes):
+    """The tokenized train set and eval set (None without eval_dataset_name): pairs, or unpaired rows."""
+    load = load_pairs if DATA_KINDS[objective] == "pairs" else load_unpaired
     with main_process_first(processes):  # rank 0 fills the datasets cache, the others read it
-        train_set, _ = load_pairs(cfg.dataset_name, cfg.dataset_train_split, cfg, tokenizer, "train",
-                                  verbose=processes.is_main)
+        train_set, _ = load(cfg.dataset_name, cfg.dataset_train_split, cfg, tokenizer, "train",
+                            verbose=processes.is_main)
         eval_set = None
         if cfg.eval_dataset_name:
-            eval_set, _ = load_pairs(cfg.eval_dataset_name, cfg.dataset_test_split, cfg, tokenizer, "eval",
-                                     verbose=processes.is_main)
+            eval_set, _ = load(cfg.eval_dataset_name, cfg.dataset_test_split, cfg, tokenizer, "eval",
+                               verbose=processes.is_main)
     return train_set, eval_set
+
+
+def load_unpaired(source: str, split: str, cfg: TrainConfig, tokenizer, what: str, *, verbose: bool = True):
+    """Read, normalise and tokenize unpaired rows (KTO; pairs are split into two rows each)."""
+    raw = load_unpaired_dataset(source, split=split, format=cfg.dataset_format, tokenizer=tokenizer)
+    tokenized, stats = tokenize_unpaired_dataset(raw, tokenizer, max_length=cfg.max_length,
+                                                 max_prompt_length=cfg.max_prompt_length)
+    if verbose and (stats.dropped_empty_response or stats.prompts_truncated or stats.responses_truncated):
+        print(f"[{what}] {stats.rows_in} rows: {stats.dropped_empty_response} dropped (no completion token left "
+              f"after truncation), {stats.prompts_truncated} prompts cut to max_prompt_length, "
+              f"{stats.responses_truncated} completions cut to max_length", flush=True)
+    if verbose and stats.desirable in (0, stats.rows_kept):
+        print(f"[{what}] every row is {'un' if stats.desirable == 0 else ''}desirable: KTO learns from both kinds",
+              flush=True)
+    return tokenized, stats
+
+
+def _collator(objective: str, cfg: TrainConfig, tokenizer):
+    pad = pad_token_id_for(tokenizer)
+    if DATA_KINDS[objective] == "unpaired":
+        return UnpairedCollator(pad, max_length=cfg.max_length)
+    return PreferenceCollator(pad, for_reward_model=objective == "reward")
 
 
 def load_pairs(source: str, split: str, cfg: TrainConfig, tokenizer, what: str, *, verbose: bool = True):
@@ -441,7 +502,7 @@ def load_pairs(source: str, split: str, cfg: TrainConfig, tokenizer, what: str, 
     return tokenized, stats
 
 
-def collate(dataset, indices: list[int], collator: PreferenceCollator, device: torch.device,
+def collate(dataset, indices: list[int], collator: PreferenceCollator | UnpairedCollator, device: torch.device,
             ref_logps: torch.Tensor | None = None) -> dict:
     """Rows `indices` of a tokenized dataset as one batch on `device`, with their precomputed
     reference log-probs (rows of the (N, 2) `ref_logps`) as batch["ref_logps"] (2B,)."""
@@ -517,29 +578,31 @@ def _precompute_reference(reference, dataset, collator, cfg: TrainConfig, device
 
 
 def evaluate(run: Run) -> dict[str, float]:
-    """The held-out metrics (means over pairs) of the model as it is now; under torchrun each
-    rank evaluates its share and the sums are added up. Leaves the model in eval mode."""
+    """The held-out metrics (means over examples; KTO's z0 over the whole eval set) of the model as
+    it is now; under torchrun each rank evaluates its share and the sums are added up. Leaves the
+    model in eval mode."""
     # DDP's forward would also sync buffers; evaluation needs none of it. FSDP's runs the shards.
     evaluated = run.policy.module if hasattr(run.policy, "module") else run.policy
     run.model.eval()
     sums: dict[str, float] = {}
     with torch.no_grad():
+        z0 = _kto_z0(run, "eval", list(range(len(run.eval_set)))) if run.objective == "kto" else None
         for indices in rank_batches(list(range(len(run.eval_set))), run.cfg.per_device_eval_batch_size,
                                     run.processes):
             batch = run.collate("eval", indices or [0])
-            terms = pairwise_terms(run.objective, run.cfg, run.model, batch, run.reference, policy=evaluated)
+            terms = micro_batch_terms(run.objective, run.cfg, run.model, batch, run.reference, policy=evaluated, z0=z0)
             if not indices:
                 continue
             for key, value in terms.metric_sums.items():
                 sums[key] = sums.get(key, 0.0) + value
-            sums["loss"] = sums.get("loss", 0.0) + terms.pair_loss_sum.item()
+            sums["loss"] = sums.get("loss", 0.0) + terms.loss_sum.item()
             sums["ties"] = sums.get("ties", 0.0) + terms.ties
-            sums["pairs"] = sums.get("pairs", 0.0) + terms.pairs
+            sums["examples"] = sums.get("examples", 0.0) + terms.examples
     sums = sum_across(sums, run.processes)
-    pairs_seen, ties = sums.pop("pairs"), sums.pop("ties")
-    metrics = {key: value / pairs_seen for key, value in sums.items()}
-    # A tie (policy == reference before training) is a coin flip: count it as half right.
-    metrics["accuracy_ties_half"] = metrics[run.accuracy_key] + 0.5 * ties / pairs_seen
+    examples, ties = sums.pop("examples"), sums.pop("ties")
+    metrics = metric_means(run.objective, sums, examples)
+    if run.accuracy_key is not None:  # pairs: a tie (policy == reference before training) is a coin flip
+        metrics["accuracy_ties_half"] = metrics[run.accuracy_key] + 0.5 * ties / examples
     return metrics
 
 

@@ -154,9 +154,9 @@ def alignlib_step_fn(objective: str, model: torch.nn.Module, batch: dict, device
         model.train()
         with autocast:
             terms = pairwise_terms(objective, cfg, model, batch, reference)
-            loss = terms.pair_loss_sum / terms.pairs
+            loss = terms.loss_sum / terms.examples
             if alpha:
-                loss = loss + alpha * terms.nll_sum / max(terms.chosen_tokens, 1)
+                loss = loss + alpha * terms.nll_sum / max(terms.nll_tokens, 1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
         optimizer.step()

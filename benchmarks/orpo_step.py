@@ -78,7 +78,7 @@ def _alignlib_odds_ratio_part(size: StepSize, batch: dict, device: str) -> float
     model.train()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
         terms = pairwise_terms("orpo", TrainConfig(beta=BETA), model, batch, None)
-    return float(terms.pair_loss_sum / terms.pairs)
+    return float(terms.loss_sum / terms.examples)
 
 
 def run(device: str, sizes, warmup: int, repeats: int) -> list[Row]:

@@ -141,6 +141,24 @@ def test_reward_model_two_ranks_equal_one_process(model64_dir, pairs, tmp_path):
     assert_same_run(tmp_path / "one", tmp_path / "two", steps=3, tolerance=1e-9)
 
 
+def test_kto_two_ranks_equal_one_process(model64_dir, pairs, heldout, tmp_path):
+    """KTO on 21 pairs read as 42 unpaired rows, steps of 16 rows (the last of 10: uneven over ranks),
+    2 epochs. z0, the reference point, is estimated over each whole step (both ranks' mismatched
+    pairs, summed), so 2 ranks of 8 rows equal one process of 16, in float64 to 1e-9; the held-out
+    metrics (z0 over the whole eval set) too. The second step onward has z0 > 0 (checked)."""
+    model_cfg = ModelConfig(model_name_or_path=model64_dir, dtype="auto")
+    settings = {**COMMON, "num_train_epochs": 2, "learning_rate": 1e-2, "beta": 0.5}
+    single_process("kto", tmp_path / "one", model_cfg, dataset_name=pairs, eval_dataset_name=heldout,
+                   per_device_train_batch_size=16, **settings)
+    torchrun("kto", {"model": model64_dir, "dataset": pairs, "eval_dataset": heldout, "output_dir": tmp_path / "two",
+                     "dtype": "auto", "per_device_train_batch_size": 8, **settings})
+    assert_same_run(tmp_path / "one", tmp_path / "two", steps=6, tolerance=1e-9)
+    assert any(record["kl"] > 0 for record in step_records(tmp_path / "one"))
+    for one, two in zip(eval_records(tmp_path / "one"), eval_records(tmp_path / "two"), strict=True):
+        for key in ("eval_loss", "eval_kl", "eval_rewards/margins"):
+            assert two[key] == pytest.approx(one[key], rel=1e-9, abs=1e-12), key
+
+
 LORA_FLAGS = {"use_peft": True, "lora_r": 4, "lora_alpha": 8, "lora_target_modules": "all-linear"}
 LORA_SETTINGS = {**COMMON, "rpo_alpha": 0.5, "per_device_train_batch_size": 2, "learning_rate": 5e-3}
 

@@ -62,7 +62,7 @@ def one_step_gradients(root, tokenizer, data, use_kernels, monkeypatch):
     if use_kernels:
         assert fused_module.enable_fused_lora(model) == 14  # 7 linear layers x 2 blocks
     terms = pairwise_terms("dpo", cfg, model, batch, reference)
-    loss = terms.pair_loss_sum / terms.pairs
+    loss = terms.loss_sum / terms.examples
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     return loss.detach(), terms.metric_sums, grads

@@ -128,9 +128,9 @@ def per_micro_batch_mean_gradient(objective: str, cfg: TrainConfig, model_cfg: M
     for batch in batches:
         terms = pairwise_terms(objective, cfg, model, batch, reference)
         if exact:
-            loss = terms.pair_loss_sum / step_pairs + alpha * terms.nll_sum / max(step_tokens, 1)
+            loss = terms.loss_sum / step_pairs + alpha * terms.nll_sum / max(step_tokens, 1)
         else:
-            loss = (terms.pair_loss_sum / terms.pairs + alpha * terms.nll_sum / max(terms.chosen_tokens, 1))
+            loss = (terms.loss_sum / terms.examples + alpha * terms.nll_sum / max(terms.nll_tokens, 1))
             loss = loss / len(batches)
         loss.backward()
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}

@@ -166,11 +166,11 @@ def alignlib_step(objective: str, cfg: TrainConfig, model: torch.nn.Module, batc
     model.train()
     model.zero_grad(set_to_none=True)
     terms = pairwise_terms(objective, cfg, model, batch, reference)
-    loss = terms.pair_loss_sum / terms.pairs
+    loss = terms.loss_sum / terms.examples
     alpha = nll_weight(objective, cfg)
-    metrics = {key: value / terms.pairs for key, value in terms.metric_sums.items()}
+    metrics = {key: value / terms.examples for key, value in terms.metric_sums.items()}
     if alpha:
-        nll = terms.nll_sum / max(terms.chosen_tokens, 1)
+        nll = terms.nll_sum / max(terms.nll_tokens, 1)
         loss = loss + alpha * nll
         metrics["nll_loss"] = nll.item()
     loss.backward()

@@ -3,7 +3,8 @@ r"""Preference data: load, normalise to prompt/chosen/rejected, tokenize, collat
 The package's modules, in the order data flows through them:
 
 - `files`: read a file, directory, Hub name or Dataset; name the broken line of a bad file.
-- `formats`: rows in a known format -> string columns prompt, chosen, rejected.
+- `formats`: rows in a known format -> string columns prompt, chosen, rejected (or, unpaired
+  for KTO, prompt, completion, label).
 - `tokenize`: -> token ids with the prompt masked, truncated; checked against a model.
 - `collate`: -> one right-padded batch, chosen and rejected stacked.
 
@@ -33,20 +34,25 @@ attention_mask, labels (2B, T) (+ margin (B,)).
 Checked against a model (`check_token_ids`): every id below the model's vocabulary size.
 """
 
-from alignlib.data.collate import PreferenceCollator
+from alignlib.data.collate import PreferenceCollator, UnpairedCollator
 from alignlib.data.files import DATA_FILE_BUILDERS, read_source
 from alignlib.data.formats import (
     PREFERENCE_FORMATS,
     PROMPT_FORMATS,
+    UNPAIRED_FORMATS,
     load_preference_dataset,
     load_prompt_dataset,
+    load_unpaired_dataset,
 )
 from alignlib.data.tokenize import (
     TOKENIZED_COLUMNS,
+    UNPAIRED_COLUMNS,
     TokenizeStats,
+    UnpairedStats,
     check_token_ids,
     pad_token_id_for,
     tokenize_preference_dataset,
+    tokenize_unpaired_dataset,
 )
 
 __all__ = [
@@ -54,12 +60,18 @@ __all__ = [
     "PREFERENCE_FORMATS",
     "PROMPT_FORMATS",
     "TOKENIZED_COLUMNS",
+    "UNPAIRED_COLUMNS",
+    "UNPAIRED_FORMATS",
     "PreferenceCollator",
     "TokenizeStats",
+    "UnpairedCollator",
+    "UnpairedStats",
     "check_token_ids",
     "load_preference_dataset",
     "load_prompt_dataset",
+    "load_unpaired_dataset",
     "pad_token_id_for",
     "read_source",
     "tokenize_preference_dataset",
+    "tokenize_unpaired_dataset",
 ]

@@ -1,4 +1,9 @@
-"""Tokenized pairs to one batch for one forward pass: chosen and rejected stacked, right-padded."""
+"""Tokenized rows to one right-padded batch for one forward pass.
+
+- `PreferenceCollator`: pairs, chosen and rejected stacked.
+- `UnpairedCollator`: unpaired rows (KTO) and their mismatched prompt/completion rows, which
+  estimate KTO's reference point.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,21 @@ import torch
 
 from alignlib.logprobs import IGNORE_INDEX
 
-__all__ = ["PreferenceCollator"]
+__all__ = ["PreferenceCollator", "UnpairedCollator", "pad_rows"]
+
+
+def pad_rows(sequences: list[list[int]], label_rows: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (IGNORE_INDEX on padding), each (N, T)."""
+    lengths = torch.tensor([len(ids) for ids in sequences])
+    width = int(lengths.max())
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (ids, row_labels) in enumerate(zip(sequences, label_rows, strict=True)):
+        if len(row_labels) != len(ids):
+            raise ValueError(f"row {i + 1}: labels and input_ids differ in length")
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[i, : len(ids)] = torch.tensor(row_labels, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": (torch.arange(width) < lengths[:, None]).long(), "labels": labels}
 
 
 @dataclass
@@ -69,3 +88,38 @@ class PreferenceCollator:
         if "margin" in rows[0]:
             batch["margin"] = torch.tensor([float(row["margin"]) for row in rows], dtype=torch.float32)
         return batch
+
+
+@dataclass
+class UnpairedCollator:
+    """Unpaired rows (from `tokenize_unpaired_dataset`) as one right-padded batch:
+        input_ids, attention_mask, labels (B, T) (IGNORE_INDEX on prompt and padding)
+        desirable (B,) bool, the rows' labels
+
+    `mismatched(prompt_rows, completion_rows)`: row i's prompt followed by completion_rows[i]'s
+    completion, as one batch (labels on the completion). KTO's reference point z0 is the
+    policy's KL to the reference on such pairs, where the completion does not answer the prompt
+    (Ethayarajh et al., 2024, section 4.2; TRL pairs each prompt with the completion of the row
+    before it). A pair longer than `max_length` loses the end of its completion.
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not rows:
+            raise ValueError("UnpairedCollator got an empty list of rows")
+        batch = pad_rows([row["input_ids"] for row in rows], [row["labels"] for row in rows], self.pad_token_id)
+        batch["desirable"] = torch.tensor([bool(row["label"]) for row in rows])
+        return batch
+
+    def mismatched(self, prompt_rows: list[dict[str, Any]], completion_rows: list[dict[str, Any]]) -> dict:
+        sequences, label_rows = [], []
+        for prompt_row, completion_row in zip(prompt_rows, completion_rows, strict=True):
+            prompt = prompt_row["input_ids"][: prompt_row["prompt_length"]]
+            completion = completion_row["input_ids"][completion_row["prompt_length"]:]
+            if self.max_length is not None:
+                completion = completion[: max(1, self.max_length - len(prompt))]
+            sequences.append(prompt + completion)
+            label_rows.append([IGNORE_INDEX] * len(prompt) + completion)
+        return pad_rows(sequences, label_rows, self.pad_token_id)

@@ -21,8 +21,8 @@ from datasets import Dataset, DatasetDict
 
 from alignlib.data.files import blame_the_file, read_source
 
-__all__ = ["PREFERENCE_FORMATS", "PROMPT_FORMATS", "common_prefix_length", "load_preference_dataset",
-           "load_prompt_dataset", "require_rows"]
+__all__ = ["PREFERENCE_FORMATS", "PROMPT_FORMATS", "UNPAIRED_FORMATS", "common_prefix_length",
+           "load_preference_dataset", "load_prompt_dataset", "load_unpaired_dataset", "require_rows"]
 
 # Each preference format and the columns it needs. Message lists are [{"role", "content"}, ...].
 PREFERENCE_FORMATS: dict[str, tuple[str, ...]] = {
@@ -32,6 +32,10 @@ PREFERENCE_FORMATS: dict[str, tuple[str, ...]] = {
     "stack_exchange_paired": ("question", "response_j", "response_k"),  # response_j preferred
 }
 PROMPT_FORMATS: dict[str, tuple[str, ...]] = {"prompt": ("prompt",), **PREFERENCE_FORMATS}
+# Unpaired feedback (KTO): one response, marked desirable (True) or not. `prompt` and `completion`
+# are strings, or message lists rendered with the chat template. Preference pairs are accepted
+# too, each split into its chosen row (True) and its rejected row (False).
+UNPAIRED_FORMATS: dict[str, tuple[str, ...]] = {"unpaired": ("prompt", "completion", "label"), **PREFERENCE_FORMATS}
 
 # datasets caches map() results under a hash of the function and its arguments, but hashes a function
 # defined in a module by its name only: a changed alignlib would reuse results cached by an older one.
@@ -54,6 +58,8 @@ def _holds_lists(dataset: Dataset, column: str) -> bool:
 
 def _detect_format(dataset: Dataset, known: dict[str, tuple[str, ...]]) -> str:
     columns = set(dataset.column_names)
+    if "unpaired" in known and {"prompt", "completion", "label"} <= columns:
+        return "unpaired"
     if {"question", "response_j", "response_k"} <= columns:
         return "stack_exchange_paired"
     if {"question", "chosen", "rejected"} <= columns:
@@ -252,6 +258,31 @@ def _normalise_prompt_row(row: dict, index: int, tokenizer: Any, code_version: s
     return {"prompt": _text(row, "prompt", number)}
 
 
+def _normalise_unpaired_row(row: dict, index: int, tokenizer: Any, code_version: str = "") -> dict:
+    number = index + 1  # messages count rows from 1, as files count lines
+    label = row.get("label")
+    if isinstance(label, int) and not isinstance(label, bool) and label in (0, 1):
+        label = bool(label)
+    if not isinstance(label, bool):
+        raise ValueError(f"row {number}: field 'label' must be true or false (desirable or not), got {_describe(label)}")
+    if isinstance(row.get("prompt"), list) or isinstance(row.get("completion"), list):
+        prompt, completion = _messages(row, "prompt", number), _messages(row, "completion", number)
+        _require_chat_template(tokenizer, number)
+        prompt_text, completion_text, _ = _render_pair(tokenizer, prompt, completion, completion)
+        return {"prompt": prompt_text, "completion": completion_text, "label": label}
+    return {"prompt": _text(row, "prompt", number), "completion": _text(row, "completion", number), "label": label}
+
+
+def _unpair(batch: dict[str, list], code_version: str = "") -> dict[str, list]:
+    """Normalised pairs -> unpaired rows: each pair's chosen (label True), then its rejected (False)."""
+    rows = {"prompt": [], "completion": [], "label": []}
+    for prompt, chosen, rejected in zip(batch["prompt"], batch["chosen"], batch["rejected"], strict=True):
+        rows["prompt"] += [prompt, prompt]
+        rows["completion"] += [chosen, rejected]
+        rows["label"] += [True, False]
+    return rows
+
+
 def require_rows(dataset: Dataset, what: str) -> None:
     if len(dataset) == 0:
         raise ValueError(f"{what} is empty (0 rows; columns {dataset.column_names})")
@@ -342,3 +373,34 @@ def load_prompt_dataset(
             desc="Normalising prompts",
         )
 
+
+
+def load_unpaired_dataset(
+    source: str | os.PathLike | Dataset | DatasetDict,
+    *,
+    split: str = "train",
+    format: str = "auto",
+    tokenizer: Any = None,
+) -> Dataset:
+    """Load unpaired feedback (KTO): string columns prompt, completion and a bool column label
+    (True: desirable). Rows in the "unpaired" format (prompt, completion, label: strings or
+    message lists; label true/false or 1/0), or preference pairs in any of PREFERENCE_FORMATS,
+    each split into its chosen row (label True) followed by its rejected row (False), as TRL's
+    `unpair_preference_dataset` does. Arguments and errors as in `load_preference_dataset`.
+    """
+    dataset = read_source(source, split)
+    require_rows(dataset, f"dataset {str(source)!r}" if not isinstance(source, Dataset) else "the dataset")
+    format = _resolve_format(dataset, format, UNPAIRED_FORMATS)
+    with blame_the_file(source):
+        if format != "unpaired":
+            pairs = load_preference_dataset(dataset, format=format, tokenizer=tokenizer)
+            return pairs.map(_unpair, batched=True, remove_columns=pairs.column_names,
+                             fn_kwargs={"code_version": _CODE_VERSION}, desc="Splitting pairs into unpaired rows")
+        normalised = dataset.map(
+            _normalise_unpaired_row,
+            with_indices=True,
+            fn_kwargs={"tokenizer": tokenizer, "code_version": _CODE_VERSION},
+            remove_columns=dataset.column_names,
+            desc="Normalising unpaired rows",
+        )
+    return normalised.select_columns(["prompt", "completion", "label"])

@@ -17,7 +17,7 @@ import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow.compute as pc
 from datasets import Dataset
@@ -25,7 +25,8 @@ from datasets import Dataset
 from alignlib.data.formats import common_prefix_length, require_rows
 from alignlib.logprobs import IGNORE_INDEX
 
-__all__ = ["TOKENIZED_COLUMNS", "TokenizeStats", "check_token_ids", "pad_token_id_for", "tokenize_preference_dataset"]
+__all__ = ["TOKENIZED_COLUMNS", "UNPAIRED_COLUMNS", "TokenizeStats", "UnpairedStats", "check_token_ids", "pad_token_id_for",
+           "tokenize_preference_dataset", "tokenize_unpaired_dataset"]
 
 TOKENIZED_COLUMNS = (
     "chosen_input_ids",
@@ -117,37 +118,56 @@ def _tokenize_batch(
     code_version: str = "",
 ) -> dict[str, list]:
     prompts, chosens, rejecteds = batch["prompt"], batch["chosen"], batch["rejected"]
-    prompt_ids = _encode(tokenizer, prompts)
-    chosen_full = _encode(tokenizer, [p + c for p, c in zip(prompts, chosens, strict=True)])
-    rejected_full = _encode(tokenizer, [p + r for p, r in zip(prompts, rejecteds, strict=True)])
     out: dict[str, list] = {name: [] for name in TOKENIZED_COLUMNS}
     flags: dict[str, list] = {name: [] for name in _FLAGS}
-    for prompt, chosen_ids, rejected_ids, chosen_text, rejected_text in zip(
-        prompt_ids, chosen_full, rejected_full, chosens, rejecteds, strict=True
+    for prompt, (kept_chosen, kept_rejected), cuts in _prompts_and_responses(
+        tokenizer, prompts, [chosens, rejecteds], max_length, max_prompt_length, add_eos
     ):
-        # Prompt and response tokenized together (as the model reads them); the response starts where
-        # the prompt's own tokens stop matching, which differs from len(prompt) when a token merges
-        # across the boundary, or when the tokenizer ends every text with EOS.
-        start = min(common_prefix_length(prompt, chosen_ids), common_prefix_length(prompt, rejected_ids))
-        chosen, rejected = chosen_ids[start:], rejected_ids[start:]
-        if add_eos:
-            chosen = _with_eos(chosen, chosen_text, tokenizer.eos_token_id, tokenizer.eos_token)
-            rejected = _with_eos(rejected, rejected_text, tokenizer.eos_token_id, tokenizer.eos_token)
-        kept_prompt = _truncate_prompt(prompt[:start], max_prompt_length, tokenizer.bos_token_id)
-        room = None if max_length is None else max(0, max_length - len(kept_prompt))
-        kept_chosen, kept_rejected = chosen[:room], rejected[:room]
-        masked = [IGNORE_INDEX] * len(kept_prompt)
-        out["chosen_input_ids"].append(kept_prompt + kept_chosen)
+        masked = [IGNORE_INDEX] * len(prompt)
+        out["chosen_input_ids"].append(prompt + kept_chosen)
         out["chosen_labels"].append(masked + kept_chosen)
-        out["rejected_input_ids"].append(kept_prompt + kept_rejected)
+        out["rejected_input_ids"].append(prompt + kept_rejected)
         out["rejected_labels"].append(masked + kept_rejected)
-        out["prompt_length"].append(len(kept_prompt))
+        out["prompt_length"].append(len(prompt))
         flags["_keep"].append(bool(kept_chosen) and bool(kept_rejected))
         flags["_identical"].append(kept_chosen == kept_rejected)
-        flags["_prompt_cut"].append(len(kept_prompt) < start)
-        flags["_boundary_merge"].append(start < len(prompt))
-        flags["_response_cut"].append(len(kept_chosen) < len(chosen) or len(kept_rejected) < len(rejected))
+        flags["_prompt_cut"].append(cuts.prompt_cut)
+        flags["_boundary_merge"].append(cuts.boundary_merge)
+        flags["_response_cut"].append(cuts.response_cut)
     return {**out, **flags}
+
+
+class _Cuts(NamedTuple):
+    prompt_cut: bool  # the prompt lost tokens to max_prompt_length
+    boundary_merge: bool  # the prompt's last tokens merged with the response's first
+    response_cut: bool  # a response lost tokens to max_length
+
+
+def _prompts_and_responses(tokenizer: Any, prompts: list[str], responses: list[list[str]], max_length: int | None,
+                           max_prompt_length: int | None, add_eos: bool):
+    """Per row: (prompt ids, [each response's ids], _Cuts), prompt and responses cut to fit.
+
+    Each prompt + response is tokenized as one text (as the model reads it); the responses start
+    where the prompt's own tokens stop matching all of them, which differs from len(prompt) when a
+    token merges across the boundary, or when the tokenizer ends every text with EOS. EOS is
+    appended to each response (`add_eos`); the prompt is cut from the left to max_prompt_length
+    (a leading BOS kept), then each response from the right so prompt + response fits max_length.
+    """
+    prompt_ids = _encode(tokenizer, prompts)
+    fulls = [_encode(tokenizer, [p + r for p, r in zip(prompts, texts, strict=True)]) for texts in responses]
+    for row, prompt in enumerate(prompt_ids):
+        row_fulls = [full[row] for full in fulls]
+        start = min(common_prefix_length(prompt, full) for full in row_fulls)
+        answers = [full[start:] for full in row_fulls]
+        if add_eos:
+            answers = [_with_eos(ids, texts[row], tokenizer.eos_token_id, tokenizer.eos_token)
+                       for ids, texts in zip(answers, responses, strict=True)]
+        kept_prompt = _truncate_prompt(prompt[:start], max_prompt_length, tokenizer.bos_token_id)
+        room = None if max_length is None else max(0, max_length - len(kept_prompt))
+        kept = [ids[:room] for ids in answers]
+        cuts = _Cuts(len(kept_prompt) < start, start < len(prompt),
+                     any(len(k) < len(a) for k, a in zip(kept, answers, strict=True)))
+        yield kept_prompt, kept, cuts
 
 
 def _check_lengths(max_length: int | None, max_prompt_length: int | None) -> None:
@@ -252,7 +272,75 @@ def tokenize_preference_dataset(
     return tokenized, stats
 
 
-_TOKEN_ID_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+_TOKEN_ID_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels", "input_ids", "labels")
+
+
+UNPAIRED_COLUMNS = ("input_ids", "labels", "prompt_length", "label")
+
+
+def _tokenize_unpaired_batch(batch: dict[str, list], tokenizer: Any, max_length: int | None,
+                             max_prompt_length: int | None, add_eos: bool, code_version: str = "") -> dict[str, list]:
+    out: dict[str, list] = {name: [] for name in UNPAIRED_COLUMNS}
+    flags: dict[str, list] = {name: [] for name in _FLAGS if name != "_identical"}
+    for prompt, (completion,), cuts in _prompts_and_responses(
+        tokenizer, batch["prompt"], [batch["completion"]], max_length, max_prompt_length, add_eos
+    ):
+        out["input_ids"].append(prompt + completion)
+        out["labels"].append([IGNORE_INDEX] * len(prompt) + completion)
+        out["prompt_length"].append(len(prompt))
+        flags["_keep"].append(bool(completion))
+        flags["_prompt_cut"].append(cuts.prompt_cut)
+        flags["_boundary_merge"].append(cuts.boundary_merge)
+        flags["_response_cut"].append(cuts.response_cut)
+    out["label"] = list(batch["label"])
+    return {**out, **flags}
+
+
+@dataclass(frozen=True)
+class UnpairedStats:
+    """What `tokenize_unpaired_dataset` did: rows given and kept, rows dropped for an empty
+    completion after truncation, prompts and completions cut, and the desirable rows kept."""
+
+    rows_in: int
+    rows_kept: int
+    dropped_empty_response: int
+    prompts_truncated: int
+    responses_truncated: int
+    desirable: int
+
+
+def tokenize_unpaired_dataset(dataset: Dataset, tokenizer: Any, *, max_length: int | None,
+                              max_prompt_length: int | None = None, add_eos: bool = True) -> tuple[Dataset, UnpairedStats]:
+    """Tokenize unpaired rows (see `load_unpaired_dataset`) as `tokenize_preference_dataset` does
+    pairs: columns input_ids, labels (IGNORE_INDEX on the prompt), prompt_length and label
+    (bool); rows left with no completion token are dropped and counted."""
+    missing = [column for column in ("prompt", "completion", "label") if column not in dataset.column_names]
+    if missing:
+        raise ValueError(f"dataset lacks columns {missing} (found {dataset.column_names}); normalise it with "
+                         "load_unpaired_dataset first")
+    require_rows(dataset, "the dataset")
+    _check_lengths(max_length, max_prompt_length)
+    if add_eos and (tokenizer.eos_token_id is None or tokenizer.eos_token is None):
+        raise ValueError("add_eos=True needs a tokenizer with an EOS token (eos_token is None)")
+    tokenized = dataset.map(
+        _tokenize_unpaired_batch, batched=True, remove_columns=dataset.column_names, desc="Tokenizing unpaired rows",
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "max_prompt_length": max_prompt_length,
+                   "add_eos": add_eos, "code_version": _CODE_VERSION},
+    )
+    keep = list(tokenized["_keep"])
+    labels = list(tokenized["label"])
+
+    def kept_count(values: list) -> int:
+        return sum(1 for kept, value in zip(keep, values, strict=True) if kept and value)
+
+    stats = UnpairedStats(len(dataset), sum(keep), len(dataset) - sum(keep), kept_count(tokenized["_prompt_cut"]),
+                          kept_count(tokenized["_response_cut"]), kept_count(labels))
+    if stats.rows_kept == 0:
+        raise ValueError(f"all {stats.rows_in} rows were dropped: no completion token fits in max_length={max_length} "
+                         f"after the prompt (max_prompt_length={max_prompt_length})")
+    if stats.dropped_empty_response:
+        tokenized = tokenized.filter(lambda kept: kept, input_columns="_keep", desc="Dropping empty completions")
+    return tokenized.remove_columns([name for name in _FLAGS if name in tokenized.column_names]), stats
 
 
 def check_token_ids(dataset: Dataset, vocab_size: int, *, what: str = "dataset") -> None:
@@ -278,10 +366,10 @@ def check_token_ids(dataset: Dataset, vocab_size: int, *, what: str = "dataset")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
         raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
     columns = [column for column in _TOKEN_ID_COLUMNS if column in dataset.column_names]
-    if not any(column.endswith("_input_ids") for column in columns):
+    if not any(column.endswith("input_ids") for column in columns):
         raise ValueError(
-            f"{what} has no chosen_input_ids / rejected_input_ids columns (found {dataset.column_names}); "
-            "use tokenize_preference_dataset"
+            f"{what} has no input_ids columns (found {dataset.column_names}); "
+            "use tokenize_preference_dataset or tokenize_unpaired_dataset"
         )
     batch_size = 8192
     arrow = dataset.with_format("arrow")
@@ -291,7 +379,7 @@ def check_token_ids(dataset: Dataset, vocab_size: int, *, what: str = "dataset")
             lists = batch[column].combine_chunks()  # list<int> of one Arrow array
             ids = pc.list_flatten(lists)
             outside = pc.or_(pc.less(ids, 0), pc.greater_equal(ids, vocab_size))
-            if column.endswith("_labels"):
+            if column.endswith("labels"):
                 outside = pc.and_(outside, pc.not_equal(ids, IGNORE_INDEX))
             if not pc.any(outside).as_py():
                 continue

@@ -38,6 +38,7 @@ TRAIN_SETTINGS: dict[str, dict[str, Any]] = {
     "simpo": {"beta": 2.0, "simpo_gamma": 0.5, "learning_rate": 5e-5},
     "cpo": {"beta": 0.1, "learning_rate": 5e-5},
     "reward": {"learning_rate": 1e-4, "max_steps": 100},
+    "kto": {"beta": 0.1, "learning_rate": 5e-5},
 }
 SAMPLE_PROMPTS = ("how do i fix a boat ?", "which colour does the lemon have ?")
 """Prompts whose answers the demo prints before and after training."""

@@ -295,7 +295,7 @@ def test_check_token_ids_reports_rows_of_a_filtered_dataset_and_bad_arguments():
     for bad in (0, -3, True, 5.0, None):
         with pytest.raises(ValueError, match="vocab_size must be a positive int"):
             check_token_ids(pairs, bad)
-    with pytest.raises(ValueError, match="has no chosen_input_ids / rejected_input_ids"):
+    with pytest.raises(ValueError, match="has no input_ids columns"):
         check_token_ids(Dataset.from_dict({"prompt": ["a"]}), 9)
 
 
