@@ -13,6 +13,10 @@ runs a zero-weight micro-batch so that every rank joins every gradient all-reduc
 divides its summed losses by the pair count of the whole step and multiplies by W (DDP and
 FSDP average gradients over ranks), so the gradient is exactly that of one process taking
 the whole step.
+
+The online loop (alignlib.rl) splits its rollout batch into contiguous blocks (`block`), one
+per rank, gathers what the blocks produce (`gather_rows`) so every rank holds the whole batch,
+and sums gradients by hand (`sum_gradients`); see alignlib.rl.
 """
 
 from __future__ import annotations
@@ -163,6 +167,77 @@ def gather_objects(value, processes: Processes) -> list:
     gathered: list = [None] * processes.world_size
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+# ----------------------------------------------------------------------------------------------
+# The online loop: a rollout batch split into blocks, gathered back; gradients summed by hand
+# ----------------------------------------------------------------------------------------------
+
+
+def block(items: list, processes: Processes) -> list:
+    """This rank's contiguous block of `items`: W blocks whose sizes differ by at most one, in rank
+    order (the online loop's split: a prompt's completions stay side by side)."""
+    n, rank, world = len(items), processes.rank, processes.world_size
+    return items[rank * n // world: (rank + 1) * n // world]
+
+
+def gather_rows(tensor: torch.Tensor, processes: Processes, pad_value: float = 0) -> torch.Tensor:
+    """Every rank's `tensor` (rows, ...) concatenated along dim 0 in rank order, on every rank.
+
+    Ranks may hold different numbers of rows, and (for 2-d and wider tensors) different widths
+    along dim 1: narrower ones are padded on the right with `pad_value` to the widest.
+    """
+    if not processes.distributed:
+        return tensor
+    shapes = gather_objects(tuple(tensor.shape), processes)
+    rows = max(shape[0] for shape in shapes)
+    padded_shape = list(tensor.shape)
+    padded_shape[0] = rows
+    if tensor.dim() >= 2:
+        padded_shape[1] = max(shape[1] for shape in shapes)
+    padded = tensor.new_full(padded_shape, pad_value)
+    padded[tuple(slice(0, size) for size in tensor.shape)] = tensor
+    parts = [torch.empty_like(padded) for _ in range(processes.world_size)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[: shape[0]] for part, shape in zip(parts, shapes, strict=True)])
+
+
+def sum_gradients(params: list[torch.Tensor], processes: Processes) -> None:
+    """Sum the .grad of `params` over ranks, in one all-reduce (a parameter a rank left without a
+    gradient counts as zeros there). The online loop divides each rank's loss by the whole step's
+    normaliser, so the sum is the gradient of the step's loss."""
+    if not processes.distributed:
+        return
+    buckets: dict[tuple, list[torch.Tensor]] = {}  # one all-reduce per dtype and device
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        buckets.setdefault((param.grad.dtype, param.grad.device), []).append(param)
+    for bucket in buckets.values():
+        flat = torch.cat([param.grad.reshape(-1) for param in bucket])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for param in bucket:
+            param.grad.copy_(flat[offset: offset + param.grad.numel()].view_as(param.grad))
+            offset += param.grad.numel()
+
+
+def together(fn: Callable[[], object], processes: Processes):
+    """fn() on every rank; if it raises a ValueError on any rank, every rank raises one with the
+    first failing rank's message (so none is left waiting at the next collective). Returns fn()'s value."""
+    error, value = None, None
+    try:
+        value = fn()
+    except ValueError as exc:
+        error = exc
+    if processes.distributed:
+        messages = gather_objects(None if error is None else str(error), processes)
+        failed = [message for message in messages if message is not None]
+        if failed and error is None:
+            raise ValueError(failed[0])
+    if error is not None:
+        raise error
+    return value
 
 
 def wrap(module: torch.nn.Module, parallelism: str, processes: Processes,

@@ -1,29 +1,39 @@
-r"""RLHF with PPO and a KL penalty: rollout, score, KL-shaped rewards, GAE, the clipped update.
+r"""The online loop: PPO, GRPO and RLOO as objectives of one loop of rollout, score, advantages, update.
 
-One PPO step (`ppo_step`; `train_ppo` runs `max_steps` of them):
+One step (`online_step`; `train_online` runs max_steps of them), for every objective:
 
-1. Rollout: `per_device_train_batch_size` prompts, left-padded, sampled from the policy with
-   `generate` (temperature, top_k, top_p, up to `response_length` new tokens, stopping at EOS).
-   Tokens after the first EOS are padding; the EOS itself belongs to the response.
-2. Score: a reward model (a sequence classifier, read at its last token) or a Python callable
-   `reward(prompts, responses) -> scores` (alignlib.rewards); then the missing-EOS penalty,
-   the baseline, the clip.
-3. Without grad: the rollout policy's log-probs, the reference's (the same model with its LoRA
-   adapter disabled, or a frozen copy in full fine-tuning), and V(s_t) from a value head (one
-   nn.Linear on the policy's last hidden state, trained with it).
-4. `compute_targets`: r_t = -kl_coef KL_t (+ the score at the last response token), GAE
-   advantages (whitened) and returns.
-5. `ppo_update`: `ppo_epochs` passes over shuffled minibatches of `mini_batch_size` rows:
-   `ppo_minibatch_loss` (clipped policy loss, clipped value loss, optional entropy bonus),
-   gradient clipping, one optimizer step each (on_nonfinite: stop, or skip the update); stop
-   early once the approx-KL to the rollout policy exceeds 1.5 x target_kl.
-6. The KL controller (adaptive or fixed) updates kl_coef from the batch's mean sequence KL.
+    prompts   = the step's prompts (prompt_batch: depends only on seed and step), each G times    G = num_generations
+    rollout   = this rank's block of the completions, each sampled with its own seed (seed, step, index);
+                the blocks gathered, so every rank holds the whole batch                          1 rollout
+    rewards   = the reward functions / reward model on this rank's block, weighted, summed; gathered   2 score
+    old, ref, V = log-probs under the sampling policy and the reference, and values, without grad,
+                  as far as the objective reads them; this rank's block, gathered                 3
+    targets   = objective.targets(...)       PPO: KL-shaped rewards, GAE        GRPO: group_advantages
+                                             RLOO: rloo_advantages(rewards - beta KL)              4 advantages
+    for each of objective.passes passes (PPO: ppo_epochs, GRPO/RLOO: num_iterations):              5 update
+        for each optimizer step's rows (PPO: shuffled minibatches; GRPO/RLOO: the whole batch):
+            N = the step's normaliser, counted over all of its rows
+            for each micro-batch of this rank's block of those rows:
+                backward(objective.loss(policy_forward(micro-batch), ..., normalizer=N))
+            sum the gradients over ranks; clip
+            if the loss and the norm are finite: optimizer step   (else on_nonfinite: stop, or skip the update)
+    objective.after_step (PPO: the KL controller); scheduler step                                 6
 
-All the math is alignlib.losses' (validated against classic TRL's PPOTrainer); this module
-only orchestrates. Rollouts and their forward passes are alignlib.rollout's; optimizer,
-scheduler, resume and checkpoints alignlib.training's. Dropout stays off throughout (the model
-is kept in eval mode), so the rollout log-probs and the first minibatch's log-probs come from
-the same function.
+Every loss is a sum over rows divided by N, the normaliser of the whole optimizer step over
+every rank (alignlib.rl_objectives), so the micro-batch losses of all ranks add up to the
+step's loss, and the gradients summed over ranks are the step's gradient. Group statistics
+(GRPO's means and stds, RLOO's baselines, PPO's whitening) are taken over the gathered batch,
+whole groups, whichever rank sampled them. With sampling seeded per completion, W ranks compute
+what one process computes on the same global batch (per_device_train_batch_size is per rank),
+up to float round-off; and a resumed run samples what the uninterrupted one sampled.
+
+Unscorable completions (on_reward_error="unscorable"): GRPO and RLOO keep them with advantage 0
+(TRL's handling); PPO drops them from the step. Dropout stays off throughout (the model is kept
+in eval mode), so the sampling policy's log-probs and the first update's come from one function.
+
+The set-up (`setup_online`) keeps the output folder's guarantees (alignlib.run_folder: the folder
+checked before anything is written, locked, another run's files moved aside only on request, a
+resume refused unless it is the same run); the math is alignlib.rl_objectives' and alignlib.losses'.
 """
 
 from __future__ import annotations
@@ -31,38 +41,61 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from alignlib.checkpoint import read_trainer_state, write_text_atomic
-from alignlib.configs import ONLINE_OBJECTIVES, PPOConfig
-from alignlib.demo import HELDOUT_FILE, TRAIN_FILE, demo_prompts, demo_reward, ppo_embedded_default
-from alignlib.losses import (
-    AdaptiveKLController,
-    FixedKLController,
-    PPOLossOutput,
-    gae_advantages,
-    kl_shaped_rewards,
-    masked_mean,
-    penalize_missing_eos,
-    ppo_loss,
-    whiten,
+from alignlib.configs import GRPOConfig, OnlineConfig, PPOConfig, RLOOConfig
+from alignlib.demo import HELDOUT_FILE, TRAIN_FILE, demo_prompts, demo_reward, online_embedded_default
+from alignlib.distributed import (
+    SINGLE_PROCESS,
+    Processes,
+    block,
+    gather_objects,
+    gather_rows,
+    main_process_first,
+    run_on_main,
+    sum_gradients,
+    sum_tensor,
+    teardown,
+    together,
 )
+from alignlib.distributed import setup as setup_processes
 from alignlib.metrics import MetricsLogger, Progress
-from alignlib.models import ModelConfig, is_quantized, load_causal_lm, load_tokenizer, make_reference
-from alignlib.rewards import Reward, RewardFunction, make_reward
+from alignlib.models import (
+    ModelConfig,
+    ReferenceForward,
+    auto_reference_strategy,
+    is_quantized,
+    load_causal_lm,
+    load_model_tokenizer,
+    make_reference,
+)
+from alignlib.rewards import RewardFunction, RewardResult, Rewards, make_reward
+from alignlib.rl_objectives import (
+    Averages,
+    Forward,
+    OnlineObjective,
+    PPOTargets,
+    compute_targets,
+    make_objective,
+    ppo_minibatch_loss,
+)
 from alignlib.rollout import (
     PolicyWithValueHead,
     Rollout,
     as_prompt_list,
     check_prompt_lengths,
     chunks,
+    completion_seed,
+    concat_rollouts,
+    gather_rollout,
     generate_rollout,
     load_prompts,
     policy_forward,
@@ -95,31 +128,23 @@ from alignlib.training import (
     step_scheduler,
 )
 
-__all__ = [
-    "OBJECTIVES",
-    "PPOConfig",
-    "PPORun",
-    "PPOTargets",
-    "compute_targets",
-    "ppo_minibatch_loss",
-    "ppo_step",
-    "ppo_update",
-    "train_ppo",
-]
-
-OBJECTIVES = ONLINE_OBJECTIVES
+__all__ = ["GRPOConfig", "OnlineConfig", "OnlineRun", "PPOConfig", "PPOTargets", "RLOOConfig", "compute_targets",
+           "online_step", "ppo_minibatch_loss", "setup_online", "train_online", "train_ppo"]
 
 
 @dataclass
-class PPORun:
-    """Everything a PPO step touches, built once by `setup_ppo`."""
+class OnlineRun:
+    """Everything a step touches, built once by `setup_online`."""
 
-    config: PPOConfig
+    config: OnlineConfig
     model_config: ModelConfig  # the embedded default's demo model filled in
+    objective: OnlineObjective
+    processes: Processes
     model: PolicyWithValueHead
+    trainable: list[torch.Tensor]
     tokenizer: Any
-    reference: Any  # alignlib.models.ReferenceForward
-    reward: Reward
+    reference: ReferenceForward | None  # None: GRPO/RLOO with beta 0 in full fine-tuning (no copy loaded)
+    reward: Rewards
     device: torch.device
     prompts: list[str]
     eval_prompts: list[str]
@@ -127,17 +152,32 @@ class PPORun:
     sampler: SeededSampler  # the order prompts are drawn in
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    kl_controller: AdaptiveKLController | FixedKLController
     guard: NonFiniteGuard
     logger: MetricsLogger
     start_step: int
     record: dict  # what makes this run this run (alignlib.run_folder.run_record), kept in every checkpoint
-    step: int  # PPO steps done
+    eval_before: float | None  # the evaluation before training, carried in checkpoints
+    step: int  # steps done
 
-    def generate(self, prompts: list[str], max_new_tokens: int, *, use_reference: bool = False) -> Rollout:
+    @property
+    def completions_per_step(self) -> int:
+        """Completions of one step over every rank."""
+        cfg = self.config
+        return cfg.per_device_train_batch_size * getattr(cfg, "gradient_accumulation_steps", 1) * \
+            self.processes.world_size
+
+    def generate(self, prompts: list[str], seeds: list[int], max_new_tokens: int, *,
+                 use_reference: bool = False) -> Rollout:
+        """Completions of `prompts` (row i sampled with seeds[i]) by the policy or the reference,
+        per_device_train_batch_size rows at a time."""
+        parts = [self._sample(prompts[rows], seeds[rows], max_new_tokens, use_reference)
+                 for rows in chunks(len(prompts), self.config.per_device_train_batch_size)]
+        return concat_rollouts(parts, self.tokenizer.pad_token_id, self.device)
+
+    def _sample(self, prompts: list[str], seeds: list[int], max_new_tokens: int, use_reference: bool) -> Rollout:
         cfg = self.config
         kwargs = {"max_new_tokens": max_new_tokens, "temperature": cfg.temperature, "top_k": cfg.top_k,
-                  "top_p": cfg.top_p, "device": self.device}
+                  "top_p": cfg.top_p, "device": self.device, "seeds": seeds}
         if not use_reference:
             return generate_rollout(self.model.policy, self.tokenizer, prompts, **kwargs)
         if self.reference.disable_adapter:
@@ -145,28 +185,17 @@ class PPORun:
                 return generate_rollout(self.model.policy, self.tokenizer, prompts, **kwargs)
         return generate_rollout(self.reference.model, self.tokenizer, prompts, **kwargs)
 
-    def scores(self, prompts: list[str], rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        """(raw scores, final scores) (B,) float32 on the device: the reward, then the missing-EOS
-        penalty, the baseline and the clip."""
-        responses = self.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
-        raw = self.reward(prompts, responses, rollout.contains_eos.cpu()).to(self.device)
-        cfg = self.config
-        scores = penalize_missing_eos(raw, rollout.contains_eos, cfg.missing_eos_penalty) - cfg.reward_baseline
-        if cfg.reward_clip is not None:
-            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-        return raw, scores
-
-    @torch.no_grad()
-    def old_logprobs_values(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The rollout policy's log-probs, the reference's, and V(s_t), each (B, T), minibatch by minibatch."""
-        cfg = self.config
-        logprobs, values, ref_logprobs = [], [], []
-        for rows in chunks(rollout.query_ids.shape[0], cfg.mini_batch_size):
-            lp, v, _ = policy_forward(self.model, rollout, rows, cfg.temperature)
-            logprobs.append(lp)
-            values.append(v)
-            ref_logprobs.append(reference_logprobs(self.reference, rollout, rows, cfg.temperature))
-        return torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+    def score(self, prompts: list[str], rollout: Rollout, where) -> RewardResult:
+        """The rewards of this rank's completions, gathered from every rank; failures printed on rank 0."""
+        completions = self.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+        result = together(lambda: self.reward(prompts, completions, rollout.contains_eos.cpu(), where), self.processes) \
+            if prompts else RewardResult(torch.zeros(0), torch.zeros(0, len(self.reward.names)), [])
+        failures = [line for lines in gather_objects(result.failures, self.processes) for line in lines]
+        if self.processes.is_main:
+            for line in failures:
+                print(line, flush=True)
+        return RewardResult(gather_rows(result.total.to(self.device), self.processes),
+                            gather_rows(result.per_function.to(self.device), self.processes), failures)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,96 +203,214 @@ class PPORun:
 # ----------------------------------------------------------------------------------------------
 
 
-def train_ppo(
-    config: PPOConfig,
+def train_online(
+    config: OnlineConfig,
     model_config: ModelConfig,
     *,
-    reward_fn: RewardFunction | None = None,
+    reward_fn: RewardFunction | Sequence[RewardFunction] | None = None,
     prompts: Sequence[str] | Any | None = None,
     eval_prompts: Sequence[str] | Any | None = None,
 ) -> dict[str, Any]:
-    """Run PPO; return the final stats, with the mean reward on the evaluation prompts before and
-    after training (`eval/reward_before`, `eval/reward_after`) and the policy's KL to the
-    reference there (`eval/kl_after`).
+    """Train with the objective of `config` (PPOConfig, GRPOConfig or RLOOConfig); return the last
+    step's stats, with the mean reward on the evaluation prompts before and after training
+    (`eval/reward_before`, `eval/reward_after`) and the policy's KL to the reference there
+    (`eval/kl_after`, NaN without a reference).
 
     With no model (model_config.model_name_or_path None) this runs the embedded default
-    (alignlib.demo.ppo_embedded_default): the demo base model, the demo's "how do i ..."
+    (alignlib.demo.online_embedded_default): the demo base model, the demo's "how do i ..."
     prompts (held-out ones for the evaluation) and `demo_reward`. Otherwise prompts come from
     `prompts` (a list of strings or a Dataset with a 'prompt' column) or config.dataset, and
-    the reward from `reward_fn`, config.reward or config.reward_model.
+    the reward from `reward_fn` (one callable or several) or the config's reward_funcs /
+    reward_model.
 
-    Writes output_dir/metrics.jsonl (one record per logging step, classic TRL's names),
-    checkpoints every save_steps (resume with resume_from_checkpoint), and the final model or
-    adapter in output_dir/final.
+    Under torchrun every rank calls this (see the module docstring). Writes
+    output_dir/metrics.jsonl (TRL's metric names), checkpoints every save_steps (resume with
+    resume_from_checkpoint), and the final model or adapter in output_dir/final.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would run its own PPO into the same output_dir
-        raise ValueError("PPO runs in one process: torchrun / several ranks are supported by the pairwise "
-                         "trainer (dpo, orpo, simpo, cpo, reward) only")
+    processes = setup_processes()
     lock, run = OutputDirLock(config.output_dir), None
     try:
-        run = setup_ppo(config, model_config, reward_fn=reward_fn, prompts=prompts, eval_prompts=eval_prompts,
-                        lock=lock)
-        return ppo_loop(run)
+        run = setup_online(config, model_config, processes, reward_fn=reward_fn, prompts=prompts,
+                           eval_prompts=eval_prompts, lock=lock)
+        return online_loop(run)
     except KeyboardInterrupt:
         raise Interrupted(run.step if run is not None else None, config.output_dir) from None
     finally:
         lock.release()
+        teardown(processes)
 
 
-def ppo_loop(run: PPORun) -> dict[str, Any]:
+def train_ppo(config: PPOConfig, model_config: ModelConfig, **kwargs: Any) -> dict[str, Any]:
+    """`train_online` for a PPOConfig (the name PPO runs had before GRPO and RLOO joined the loop)."""
+    return train_online(config, model_config, **kwargs)
+
+
+def online_loop(run: OnlineRun) -> dict[str, Any]:
     """Steps from run.start_step to max_steps, with metrics and checkpoints when due; the mean reward
-    of the evaluation prompts before and after; the saved model (see train_ppo)."""
-    config = run.config
-    eval_seed = config.seed + 12345
-    before = evaluate(run, use_reference=True, seed=eval_seed)
+    of the evaluation prompts before and after; the saved model (see train_online)."""
+    config, name = run.config, run.objective.name
+    if run.eval_before is None:
+        run.eval_before = evaluate(run, use_reference=run.reference is not None)["reward_mean"]
     step_stats: dict[str, Any] = {}
     started = time.perf_counter()
-    with run.logger, Progress(total=config.max_steps, initial=run.start_step, desc="ppo",
+    with run.logger, Progress(total=config.max_steps, initial=run.start_step, desc=name,
                               disable=config.disable_tqdm) as bar:
         for step in range(run.start_step, config.max_steps):
             done = step + 1
-            step_stats = ppo_step(run, step)
+            step_stats = online_step(run, step)
             run.step = done
             if done % config.logging_steps == 0 or done == config.max_steps:
                 run.logger.log(step_stats, step=done)
-            bar.update(reward=step_stats["env/reward_mean"], kl=step_stats["objective/kl"])
+            bar.update(reward=step_stats.get("env/reward_mean", step_stats.get("reward")),
+                       kl=step_stats.get("objective/kl", step_stats.get("kl")))
             if config.save_steps is not None and done % config.save_steps == 0:
                 save_training_checkpoint(
                     config.output_dir, done, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
-                    data_state={"prompts_seen": done * config.per_device_train_batch_size, "seed": config.seed},
-                    metadata={"kl_coef": run.kl_controller.value, "run": run.record},
+                    processes=run.processes, data_state={"step": done, "seed": config.seed},
+                    metadata={"objective": name, "run": run.record, "eval_before": run.eval_before,
+                              "kl_coef": getattr(getattr(run.objective, "kl_controller", None), "value", None)},
                     save_total_limit=config.save_total_limit)
-        after = evaluate(run, use_reference=False, seed=eval_seed)
-        final = {"eval/reward_before": before["reward_mean"], "eval/reward_after": after["reward_mean"],
+        after = evaluate(run, use_reference=False)
+        final = {"eval/reward_before": run.eval_before, "eval/reward_after": after["reward_mean"],
                  "eval/kl_after": after["kl"], "eval/num_prompts": len(run.eval_prompts),
                  "eval/held_out": float(run.eval_held_out)}
         run.logger.log(final, step=config.max_steps)
-    output_dir = Path(config.output_dir)
-    save_model(run.model.policy, run.tokenizer, output_dir / "final")
-    torch.save(run.model.value_head.state_dict(), output_dir / "final" / "value_head.pt")
+    final_dir = Path(config.output_dir) / "final"
+    run_on_main(lambda: save_model(run.model.policy, run.tokenizer, final_dir), run.processes)
+    if run.model.value_head is not None:
+        run_on_main(lambda: torch.save(run.model.value_head.state_dict(), final_dir / "value_head.pt"), run.processes)
+    kl_controller = getattr(run.objective, "kl_controller", None)
     return {**step_stats, **final, "steps": config.max_steps, "resumed_from_step": run.start_step,
-            "train_runtime": time.perf_counter() - started, "kl_coef": run.kl_controller.value,
+            "train_runtime": time.perf_counter() - started, "objective": name,
+            "kl_coef": kl_controller.value if kl_controller is not None else None,
             "model_name_or_path": run.model_config.model_name_or_path, "use_peft": run.model_config.use_peft}
 
 
-def ppo_step(run: PPORun, step: int) -> dict[str, float]:
-    """One PPO step (0-based `step`): the six stages of the module docstring; returns its stats."""
-    config, started = run.config, time.perf_counter()
-    prompts = [run.prompts[i] for i in prompt_batch(run.sampler, step, config.per_device_train_batch_size)]
-    rollout = run.generate(prompts, _max_new_tokens(config, step))  # 1
-    raw, scores = run.scores(prompts, rollout)  # 2
-    old_logprobs, ref_logprobs, values = run.old_logprobs_values(rollout)  # 3
-    targets = compute_targets(scores, old_logprobs, ref_logprobs, values, rollout.response_mask,  # 4
-                              kl_coef=run.kl_controller.value, config=config)
-    stats = _step_stats(raw, scores, rollout, old_logprobs, targets, run.kl_controller.value)
-    stats.update(ppo_update(run, rollout, old_logprobs, targets, step))  # 5
-    run.kl_controller.update(stats["objective/kl"], len(prompts))  # 6
+def online_step(run: OnlineRun, step: int) -> dict[str, float]:
+    """One step (0-based `step`): the six stages of the module docstring; returns its stats."""
+    config, objective, processes, started = run.config, run.objective, run.processes, time.perf_counter()
+    group = config.group_size
+    prompt_ids = prompt_batch(run.sampler, step, run.completions_per_step // group)
+    mine = block(list(range(run.completions_per_step)), processes)  # this rank's completions, prompt k // group
+    prompts = [run.prompts[prompt_ids[k // group]] for k in mine]
+    seeds = [completion_seed(config.seed, "train", step, k) for k in mine]
+    local = run.generate(prompts, seeds, _max_new_tokens(config, step))  # 1
+    rollout = gather_rollout(local, processes, run.tokenizer.pad_token_id)
+
+    def where(row: int) -> str:
+        k = mine[row]
+        return f"completion {k} of step {step + 1} (prompt #{prompt_ids[k // group]}: {prompts[row][:60]!r})"
+
+    scored = run.score(prompts, local, where)  # 2
+    rewards = scored.total
+    stats = objective.batch_stats(rewards, scored.per_function, run.reward.names, rollout)
+    if objective.drops_unscorable() and bool(rewards.isnan().any()):  # PPO trains on scored completions only
+        keep = ~rewards.isnan()
+        rollout, rewards = rollout.rows(keep), rewards[keep]
+        if rollout.response_ids.shape[0] == 0:
+            raise ValueError(f"step {step + 1}: every completion is unscorable (see the lines above); nothing to "
+                             "train on")
+    old_logprobs, ref_logprobs, values = forward_without_grad(run, rollout)  # 3
+    targets, target_stats = objective.targets(rewards, rollout, old_logprobs, ref_logprobs, values)  # 4
+    stats.update(target_stats)
+    stats.update(update(run, rollout, old_logprobs, targets, step))  # 5
+    objective.after_step(stats, rollout.response_ids.shape[0])  # 6
     stats["learning_rate"] = run.scheduler.get_last_lr()[0]
     step_scheduler(run.scheduler)
     elapsed = time.perf_counter() - started
     tokens = int(rollout.query_mask.sum()) + int(rollout.response_mask.sum())
-    stats.update({"tokens_per_second": tokens / elapsed, "time/ppo/total": elapsed})
+    stats.update({"tokens_per_second": tokens / elapsed, f"time/{objective.name}/total": elapsed})
     return stats
+
+
+@torch.no_grad()
+def forward_without_grad(run: OnlineRun, rollout: Rollout) -> tuple[torch.Tensor | None, ...]:
+    """The sampling policy's log-probs, the reference's and V(s_t), each (B, T) or None where the
+    objective does not read it; this rank's block of rows, gathered."""
+    objective, cfg, processes = run.objective, run.config, run.processes
+    rows = block(list(range(rollout.response_ids.shape[0])), processes)
+    wants_policy = objective.uses_old_logprobs or objective.value_head
+    logprobs, ref_logprobs, values = [], [], []
+    for part in chunks(len(rows), objective.micro_batch_size):
+        index = torch.tensor(rows[part], dtype=torch.long, device=run.device)
+        if wants_policy:
+            lp, v, _ = policy_forward(run.model, rollout, index, cfg.temperature, use_kernels=cfg.use_kernels)
+            logprobs.append(lp)
+            values.append(v)
+        if objective.uses_reference:
+            ref_logprobs.append(reference_logprobs(run.reference, rollout, index, cfg.temperature))
+    width = rollout.response_ids.shape[1]
+
+    def gathered(parts: list, wanted: bool) -> torch.Tensor | None:
+        if not wanted:
+            return None
+        local = torch.cat(parts) if parts else torch.zeros(0, width, device=run.device)
+        return gather_rows(local, processes)
+
+    return (gathered(logprobs, wanted=wants_policy), gathered(ref_logprobs, wanted=objective.uses_reference),
+            gathered(values, wanted=objective.value_head))
+
+
+def update(run: OnlineRun, rollout: Rollout, old_logprobs: torch.Tensor | None, targets: Any,
+           step: int) -> dict[str, float]:
+    """objective.passes passes of clipped updates on the rollout batch (stage 5); the stats of its
+    optimizer steps, averaged."""
+    objective, cfg, processes = run.objective, run.config, run.processes
+    n = rollout.response_ids.shape[0]
+    trained = objective.trained_rows(rollout)
+    mask = rollout.response_mask & trained[:, None]  # mask_truncated_completions: those rows count, with no tokens
+    collected, early_stopped, passes_done, updates = [], False, 0, 0
+    for epoch in range(objective.passes):
+        for number, rows in enumerate(objective.optimizer_steps(n, step, epoch, processes.world_size), start=1):
+            normalizer = objective.normalizer(mask[rows])
+            if normalizer <= 0:  # every row of this optimizer step is left out of the loss
+                continue
+            averages, loss_value = Averages(), 0.0
+            mine = [row for row in block(rows, processes) if bool(trained[row])]
+            for part in chunks(len(mine), objective.micro_batch_size):
+                index = torch.tensor(mine[part], dtype=torch.long, device=run.device)
+                forward, poison = _forward_with_grad(run, rollout, index)
+                loss = objective.loss(forward, index, old_logprobs, targets, mask[index], normalizer, averages)
+                (loss + poison).backward()
+                loss_value += (loss + poison).item()
+            sum_gradients(run.trainable, processes)
+            loss_value = sum_tensor(torch.tensor([loss_value], dtype=torch.float64, device=run.device), processes).item()
+            grad_norm = clip_grad_norm(run.trainable, cfg.max_grad_norm)
+            stats = averages.means(processes)
+            where = f"{objective.name} step {step + 1}, pass {epoch + 1}, optimizer step {number}"
+            if run.guard.allows(step + 1, loss_value, grad_norm, where=where):
+                run.optimizer.step()
+                updates += 1
+                stats.update(objective.step_stats(targets, rows, rollout.response_mask))
+                collected.append({**stats, **objective.update_metrics(loss_value, grad_norm)})
+                early_stopped = objective.stop_early(stats)
+            run.optimizer.zero_grad(set_to_none=True)
+            if early_stopped:
+                break
+        passes_done = epoch + 1
+        if early_stopped:
+            break
+    return objective.update_summary(collected, passes_done, early_stopped, updates)
+
+
+def _forward_with_grad(run: OnlineRun, rollout: Rollout, index: torch.Tensor) -> tuple[Forward, torch.Tensor]:
+    """The policy's log-probs (values, entropy) of rows `index`, padding zeroed, and a loss term that is 0,
+    or NaN when the forward gave NaN/inf (carried to on_nonfinite past the losses' input checks)."""
+    cfg = run.config
+    entropy = "grad" if getattr(cfg, "entropy_coef", 0) > 0 else (None if cfg.use_kernels else "detached")
+    logprobs, values, per_token_entropy = policy_forward(run.model, rollout, index, cfg.temperature, entropy=entropy,
+                                                         use_kernels=cfg.use_kernels)
+    mask = rollout.response_mask[index]
+    poison = torch.zeros((), device=run.device)
+    outputs = []
+    for tensor in (logprobs, values, per_token_entropy):
+        if tensor is None:
+            outputs.append(None)
+            continue
+        clean, term = finite_or_poisoned(torch.where(mask, tensor, 0.0))
+        outputs.append(clean)
+        poison = poison + term
+    return Forward(*outputs), poison
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,35 +418,39 @@ def ppo_step(run: PPORun, step: int) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------
 
 
-def setup_ppo(config: PPOConfig, model_config: ModelConfig, *, reward_fn: RewardFunction | None = None,
-              prompts: Sequence[str] | Any | None = None, eval_prompts: Sequence[str] | Any | None = None,
-              lock: OutputDirLock | None = None) -> PPORun:
-    """Build the run: the output folder checked and locked, prompts, policy with its value head,
-    reference, reward, optimizer, resume; last (once all of that is validated) the folder claimed."""
-    checkpoint = checkpoint_to_resume(config.resume_from_checkpoint, config.output_dir)
+def setup_online(config: OnlineConfig, model_config: ModelConfig, processes: Processes = SINGLE_PROCESS, *,
+                 reward_fn: RewardFunction | Sequence[RewardFunction] | None = None,
+                 prompts: Sequence[str] | Any | None = None, eval_prompts: Sequence[str] | Any | None = None,
+                 lock: OutputDirLock | None = None) -> OnlineRun:
+    """Build the run: the output folder checked, prompts, policy (with a value head for PPO),
+    reference, rewards, optimizer, resume; last (once all of that is validated) the folder locked
+    and claimed."""
+    checkpoint = checkpoint_to_resume(config.resume_from_checkpoint, config.output_dir, verbose=processes.is_main)
     restarting = checkpoint is None and resume_requested(config.resume_from_checkpoint)
     if lock is not None:
-        lock.check_free()
-    check_output_dir(config.output_dir, resuming=checkpoint is not None, overwrite=config.overwrite_output_dir,
-                     restarting=restarting)
+        run_on_main(lock.check_free, processes)
+    run_on_main(lambda: check_output_dir(config.output_dir, resuming=checkpoint is not None,
+                                         overwrite=config.overwrite_output_dir, restarting=restarting), processes)
     demo = model_config.model_name_or_path is None
     eval_held_out = eval_prompts is not None or config.eval_dataset is not None
     if demo:
-        config, model_config = ppo_embedded_default(config, model_config)
+        with main_process_first(processes):  # rank 0 builds the demo base model, the others then read it
+            config, model_config = online_embedded_default(config, model_config, verbose=processes.is_main)
         if prompts is None and config.dataset is None:
             prompts = demo_prompts(TRAIN_FILE)
             eval_prompts = eval_prompts if eval_prompts is not None else demo_prompts(HELDOUT_FILE)
             eval_held_out = True
+    objective = make_objective(config)
 
     set_seed(config.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(model_config.model_name_or_path, padding_side="left",
-                               trust_remote_code=model_config.trust_remote_code)
-    if prompts is None and config.dataset is not None:
-        prompts = load_prompts(config.dataset, config.dataset_split, tokenizer)
+    device = processes.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_model_tokenizer(model_config, padding_side="left")  # with its chat format (--chat_template)
+    with main_process_first(processes):  # rank 0 fills the datasets cache
+        if prompts is None and config.dataset is not None:
+            prompts = load_prompts(config.dataset, config.dataset_split, tokenizer)
+        if eval_prompts is None and config.eval_dataset is not None:
+            eval_prompts = load_prompts(config.eval_dataset, config.eval_split, tokenizer)
     prompts = as_prompt_list(prompts, "the prompt set")
-    if eval_prompts is None and config.eval_dataset is not None:
-        eval_prompts = load_prompts(config.eval_dataset, config.eval_split, tokenizer)
     eval_prompts = as_prompt_list(eval_prompts, "the eval prompt set") if eval_prompts is not None else prompts
     eval_prompts = eval_prompts[: config.num_eval_prompts]
 
@@ -307,42 +458,50 @@ def setup_ppo(config: PPOConfig, model_config: ModelConfig, *, reward_fn: Reward
     if not is_quantized(policy):
         policy.to(device)
     device = next(policy.parameters()).device  # a quantised model sits where bitsandbytes put it
-    model = PolicyWithValueHead(policy)
-    model.value_head.to(device)
+    model = PolicyWithValueHead(policy, value_head=objective.value_head)
+    if model.value_head is not None:
+        model.value_head.to(device)
     model.eval()  # dropout off for the whole run
-    check_prompt_lengths(tokenizer, prompts, policy, config.response_length, "the prompt set")
-    check_prompt_lengths(tokenizer, eval_prompts, policy, config.response_length, "the eval prompt set")
-    reference = make_reference("adapter_disabled" if model_config.use_peft else "model", policy, model_config)
+    check_prompt_lengths(tokenizer, prompts, policy, config.max_new_tokens, "the prompt set")
+    check_prompt_lengths(tokenizer, eval_prompts, policy, config.max_new_tokens, "the eval prompt set")
+    reference = None
+    if objective.uses_reference or model_config.use_peft:  # the adapter-disabled reference costs nothing
+        reference = make_reference(auto_reference_strategy(model_config), policy, model_config)
     reward = make_reward(config, reward_fn, device, default=demo_reward if demo else None)
 
     optimizer = make_optimizer(model, config.optim, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = make_scheduler(optimizer, config.lr_scheduler_type, num_training_steps=config.max_steps,
                                num_warmup_steps=config.warmup_steps)
-    kl_controller = (AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
-                     if config.adap_kl_ctrl else FixedKLController(config.init_kl_coef))
-    record = run_record("ppo", config, model_config, data=_prompts_fingerprint(prompts))
-    start_step = 0
+    record = run_record(objective.name, config, model_config, data=_prompts_fingerprint(prompts),
+                        world_size=processes.world_size)
+    start_step, eval_before = 0, None
     if restarting and not config.overwrite_output_dir:
-        check_restart(config.output_dir, record)
+        run_on_main(lambda: check_restart(config.output_dir, record), processes)
     if checkpoint is not None:
-        check_same_run(read_trainer_state(checkpoint)["metadata"].get("run"), record, checkpoint)
-        state = resume_training(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
-        start_step = state["step"]
-        kl_controller.value = float(state["metadata"]["kl_coef"])
+        metadata = read_trainer_state(checkpoint)["metadata"]
+        check_same_run(metadata.get("run"), record, checkpoint, verbose=processes.is_main)
+        state = resume_training(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, processes=processes)
+        start_step, eval_before = state["step"], metadata.get("eval_before")
+        if metadata.get("kl_coef") is not None:
+            objective.kl_controller.value = float(metadata["kl_coef"])
     if lock is not None:  # the first write: the folder is locked now
-        lock.acquire()
-    if checkpoint is None:
+        run_on_main(lock.acquire, processes)
+    if checkpoint is None and processes.is_main:
         moved = claim_output_dir(config.output_dir, overwrite=config.overwrite_output_dir)
         if moved is not None:
             print(f"overwrite_output_dir: the previous run's files in {config.output_dir} were moved to {moved}")
     logger = MetricsLogger(config.output_dir, resume_step=start_step if checkpoint is not None else None)
-    write_text_atomic(Path(config.output_dir) / "config.json", json.dumps(
-        {"objective": "ppo", "ppo": dataclasses.asdict(config), "model": portable_settings(model_config),
-         "world_size": 1, "run": record}, indent=2, default=str))
-    guard = NonFiniteGuard(config.on_nonfinite, lambda record, step: logger.log(record, step=step))
-    return PPORun(config, model_config, model, tokenizer, reference, reward, device, prompts, eval_prompts,
-                  eval_held_out, SeededSampler(len(prompts), seed=config.seed), optimizer, scheduler, kl_controller,
-                  guard, logger, start_step, record, start_step)
+    if processes.is_main:
+        write_text_atomic(Path(config.output_dir) / "config.json", json.dumps(
+            {"objective": objective.name, objective.name: dataclasses.asdict(config),
+             "model": portable_settings(model_config), "world_size": processes.world_size, "run": record},
+            indent=2, default=str))
+    guard = NonFiniteGuard(config.on_nonfinite, lambda record, step: logger.log(record, step=step),
+                           verbose=processes.is_main)
+    return OnlineRun(config, model_config, objective, processes, model, [p for p in model.parameters() if p.requires_grad],
+                     tokenizer, reference, reward, device, prompts, eval_prompts, eval_held_out,
+                     SeededSampler(len(prompts), seed=config.seed), optimizer, scheduler, guard, logger, start_step,
+                     record, eval_before, start_step)
 
 
 def _prompts_fingerprint(prompts: list[str]) -> str:
@@ -350,217 +509,32 @@ def _prompts_fingerprint(prompts: list[str]) -> str:
     return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
 
 
-def _max_new_tokens(config: PPOConfig, step: int) -> int:
-    """response_length, or with min_response_length a length drawn for this step (seeded by step)."""
-    if config.min_response_length is None:
-        return config.response_length
+def _max_new_tokens(config: OnlineConfig, step: int) -> int:
+    """max_new_tokens, or with PPO's min_response_length a length drawn for this step (seeded by step)."""
+    low = getattr(config, "min_response_length", None)
+    if low is None:
+        return config.max_new_tokens
     generator = torch.Generator().manual_seed(config.seed * 100_003 + step)
-    low, high = config.min_response_length, config.response_length
-    return int(torch.randint(low, high + 1, (1,), generator=generator))
+    return int(torch.randint(low, config.max_new_tokens + 1, (1,), generator=generator))
 
 
 @torch.no_grad()
-def evaluate(run: PPORun, *, use_reference: bool, seed: int) -> dict[str, float]:
-    """Mean reward of sampled answers to the evaluation prompts (from the reference, i.e. the
+def evaluate(run: OnlineRun, *, use_reference: bool) -> dict[str, float]:
+    """Mean reward of one sampled answer to each evaluation prompt (from the reference, i.e. the
     model before training, or the policy), and the policy's mean sequence KL (k1) to the
-    reference. Runs on its own RNG stream, so training is unaffected."""
-    cfg, prompts = run.config, run.eval_prompts
-    rewards, kls = [], []
-    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for rows in chunks(len(prompts), max(cfg.per_device_train_batch_size, 64)):
-            batch = prompts[rows]
-            rollout = run.generate(batch, cfg.response_length, use_reference=use_reference)
-            raw, _ = run.scores(batch, rollout)
-            rewards.append(raw)
-            if use_reference:
-                kls.append(torch.zeros_like(raw))
-                continue
-            logprobs, _, _ = policy_forward(run.model, rollout, slice(None), cfg.temperature)
-            ref = reference_logprobs(run.reference, rollout, slice(None), cfg.temperature)
-            kls.append(torch.where(rollout.response_mask, logprobs - ref, 0.0).sum(dim=1))
-    return {"reward_mean": torch.cat(rewards).mean().item(), "kl": torch.cat(kls).mean().item()}
-
-
-# ----------------------------------------------------------------------------------------------
-# The update math: rollout tensors -> rewards, advantages, returns -> losses and stats
-# ----------------------------------------------------------------------------------------------
-
-
-class PPOTargets(NamedTuple):
-    """What one rollout batch trains towards; every field (B, T) over response tokens, 0 on padding."""
-
-    rewards: torch.Tensor
-    """-kl_coef KL_t, plus the score at the last response token (whitened if whiten_rewards)."""
-    kl: torch.Tensor
-    """The per-token KL estimate (config.kl_estimator)."""
-    non_score_rewards: torch.Tensor
-    """-kl_coef KL_t."""
-    advantages: torch.Tensor
-    """GAE advantages, whitened over the batch."""
-    returns: torch.Tensor
-    """R_t = A_t + V_t (A before whitening): the value targets."""
-    values: torch.Tensor
-    """V(s_t) at rollout time, 0 on padding."""
-
-
-def compute_targets(
-    scores: torch.Tensor,
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    kl_coef: float,
-    config: PPOConfig,
-) -> PPOTargets:
-    """KL-shaped rewards, GAE and whitening for one rollout batch (classic TRL's compute_rewards
-    followed by compute_advantages).
-
-    Args:
-        scores: (B,) final scores (after penalty, baseline, clip).
-        logprobs, ref_logprobs: (B, T) log-probs of the sampled tokens under the rollout policy
-            and the reference.
-        values: (B, T) V(s_t) at rollout time.
-        mask: (B, T) True on response tokens.
-        kl_coef: the controller's current value.
-        config: kl_estimator, whiten_rewards, gamma, lam.
-    """
-    mask = mask.bool()
-    shaped = kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef, estimator=config.kl_estimator)
-    rewards = whiten(shaped.rewards, mask, shift_mean=False) if config.whiten_rewards else shaped.rewards
-    gae = gae_advantages(rewards, values, mask, gamma=config.gamma, lam=config.lam)
-    return PPOTargets(
-        rewards=rewards,
-        kl=shaped.kl,
-        non_score_rewards=shaped.non_score_rewards,
-        advantages=whiten(gae.advantages, mask),
-        returns=gae.returns,
-        values=torch.where(mask, values, 0.0),
-    )
-
-
-def ppo_update(run: PPORun, rollout: Rollout, old_logprobs: torch.Tensor, targets: PPOTargets,
-               step: int) -> dict[str, float]:
-    """ppo_epochs passes of shuffled minibatches; returns the minibatch stats averaged, "ppo/"-prefixed."""
-    cfg = run.config
-    batch_size = rollout.query_ids.shape[0]
-    params = [p for p in run.model.parameters() if p.requires_grad]
-    collected: list[dict[str, torch.Tensor]] = []
-    early_stopped, epochs_done, updates = False, 0, 0
-    for epoch in range(cfg.ppo_epochs):
-        generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 101 + epoch)
-        order = torch.randperm(batch_size, generator=generator).to(run.device)
-        for number, rows in enumerate(chunks(batch_size, cfg.mini_batch_size), start=1):
-            index = order[rows]
-            logprobs, values, entropy = policy_forward(run.model, rollout, index, cfg.temperature,
-                                                       entropy="grad" if cfg.entropy_coef > 0 else "detached")
-            # NaN/inf from the forward pass reach the guard below as a NaN loss, past the losses' input checks
-            mask = rollout.response_mask[index]
-            logprobs, logprobs_poison = finite_or_poisoned(torch.where(mask, logprobs, 0.0))
-            values, values_poison = finite_or_poisoned(torch.where(mask, values, 0.0))
-            entropy, entropy_poison = finite_or_poisoned(torch.where(mask, entropy, 0.0))
-            mb_targets = PPOTargets(*(t[index] for t in targets))
-            out, stats = ppo_minibatch_loss(logprobs, values, old_logprobs[index], mb_targets, mask, config=cfg,
-                                            entropy=entropy)
-            loss = out.loss + logprobs_poison + values_poison + entropy_poison
-            run.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
-            where = f"PPO step {step + 1}, epoch {epoch + 1}, minibatch {number}"
-            if not run.guard.allows(step + 1, loss.item(), grad_norm, where=where):
-                continue
-            if cfg.max_grad_norm is not None:
-                stats["grad_norm"] = torch.tensor(grad_norm)
-            run.optimizer.step()
-            updates += 1
-            collected.append(stats)
-            if cfg.target_kl is not None and float(out.approx_kl) > 1.5 * cfg.target_kl:
-                early_stopped = True
-                break
-        epochs_done = epoch + 1
-        if early_stopped:
-            break
-    run.optimizer.zero_grad(set_to_none=True)
-    averaged = {f"ppo/{k}": torch.stack([s[k] for s in collected]).mean().item() for k in (collected or [{}])[0]}
-    averaged.update({"ppo/epochs": epochs_done, "ppo/early_stopped": float(early_stopped),
-                     "ppo/minibatch_updates": updates})
-    return averaged
-
-
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Unbiased variance of x over the True entries of mask (as TRL's masked_var)."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    return masked_mean((x - mean) ** 2, mask) * n / (n - 1).clamp(min=1)
-
-
-def ppo_minibatch_loss(
-    logprobs: torch.Tensor,
-    values: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    targets: PPOTargets,
-    mask: torch.Tensor,
-    *,
-    config: PPOConfig,
-    entropy: torch.Tensor | None = None,
-) -> tuple[PPOLossOutput, dict[str, torch.Tensor]]:
-    """The loss to backpropagate for one minibatch, and classic TRL's per-minibatch stats.
-
-    Args:
-        logprobs: (b, T) log-probs of the rollout tokens under the policy being trained (grad).
-        values: (b, T) V(s_t) from the value head being trained (grad).
-        old_logprobs: (b, T) the rollout policy's log-probs.
-        targets: the minibatch's rows of compute_targets' result.
-        mask: (b, T) True on response tokens.
-        config: cliprange, cliprange_value, vf_coef, entropy_coef.
-        entropy: (b, T) the policy's per-token entropy (with grad when entropy_coef > 0), or None.
-
-    Returns (out, stats): stats under classic TRL's names without the "ppo/" prefix
-    (loss/policy, policy/approxkl, val/clipfrac, returns/mean, ...), detached.
-    """
-    mask = mask.bool()
-    out = ppo_loss(
-        logprobs, old_logprobs, targets.advantages, values, targets.values, targets.returns, mask,
-        cliprange=config.cliprange, cliprange_value=config.cliprange_value, vf_coef=config.vf_coef,
-        entropy=entropy, entropy_coef=config.entropy_coef,
-    )
-    stats = {
-        "loss/policy": out.policy_loss,
-        "loss/value": out.value_loss,
-        "loss/total": out.loss,
-        "policy/approxkl": out.approx_kl,
-        "policy/policykl": out.policy_kl,
-        "policy/clipfrac": out.policy_clipfrac,
-        "policy/advantages_mean": masked_mean(targets.advantages, mask),
-        "returns/mean": masked_mean(targets.returns, mask),
-        "returns/var": masked_var(targets.returns, mask),
-        "val/vpred": masked_mean(values, mask),
-        "val/error": masked_mean((values - targets.returns) ** 2, mask),
-        "val/clipfrac": out.value_clipfrac,
-        "val/mean": masked_mean(targets.values, mask),
-        "val/var": masked_var(targets.values, mask),
-    }
-    if out.entropy is not None:
-        stats["policy/entropy"] = out.entropy
-    return out, {name: value.detach() for name, value in stats.items()}
-
-
-def _step_stats(raw: torch.Tensor, scores: torch.Tensor, rollout: Rollout, old_logprobs: torch.Tensor,
-                targets: PPOTargets, kl_coef: float) -> dict[str, float]:
-    """Classic TRL's objective/*, env/* and tokens/* stats of one rollout batch."""
-    mask = rollout.response_mask
-    kl_per_sequence = targets.kl.sum(dim=1)
-    response_lengths = mask.sum(dim=1).float()
-    return {
-        "objective/kl": kl_per_sequence.mean().item(),
-        "objective/kl_coef": kl_coef,
-        "objective/entropy": torch.where(mask, -old_logprobs, 0.0).sum(dim=1).mean().item(),
-        "env/reward_mean": raw.mean().item(),
-        "env/reward_std": raw.std().item() if raw.numel() > 1 else 0.0,
-        "ppo/mean_scores": scores.mean().item(),
-        "ppo/mean_non_score_reward": targets.non_score_rewards.sum(dim=1).mean().item(),
-        "tokens/queries_len_mean": rollout.query_mask.sum(dim=1).float().mean().item(),
-        "tokens/responses_len_mean": response_lengths.mean().item(),
-        "tokens/responses_with_eos": rollout.contains_eos.float().mean().item(),
-    }
+    reference (NaN without one). Prompts are split over ranks; sampling is seeded per prompt."""
+    cfg, processes = run.config, run.processes
+    mine = block(list(range(len(run.eval_prompts))), processes)
+    prompts = [run.eval_prompts[i] for i in mine]
+    seeds = [completion_seed(cfg.seed, "eval", i) for i in mine]
+    rollout = run.generate(prompts, seeds, cfg.max_new_tokens, use_reference=use_reference)
+    rewards = run.score(prompts, rollout, lambda row: f"evaluation prompt #{mine[row]} ({prompts[row][:60]!r})").total
+    kl = torch.full((len(mine),), math.nan, device=run.device)
+    if run.reference is not None and not use_reference and mine:
+        logprobs, _, _ = policy_forward(run.model, rollout, slice(None), cfg.temperature)
+        ref = reference_logprobs(run.reference, rollout, slice(None), cfg.temperature)
+        kl = torch.where(rollout.response_mask, logprobs - ref, 0.0).sum(dim=1)
+    kl = gather_rows(kl.float(), processes)
+    scored = rewards[~rewards.isnan()]
+    return {"reward_mean": scored.mean().item() if scored.numel() else math.nan,
+            "kl": 0.0 if use_reference else kl.mean().item()}

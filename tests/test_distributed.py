@@ -8,10 +8,16 @@ The data has 21 pairs and the global batch is 8, so an epoch has steps of 8, 8 a
 the last step splits unevenly (3 pairs on rank 0, 2 on rank 1), which is where a careless
 split (a mean per rank, or padding with repeated pairs as DistributedSampler does) would
 give a different gradient from one process.
+
+The online loop (PPO, GRPO, RLOO) likewise: a float64 model, one process taking the global batch
+against 2 ranks taking half of it each (GRPO's groups spanning the ranks), to 1e-9 in every
+logged metric (rewards, losses, KL, gradient norms, the evaluation) and in the final weights;
+and a GRPO run resumed on 2 ranks ends with the weights of the uninterrupted one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -60,8 +66,8 @@ def torchrun(objective: str, args: dict, nproc: int = 2, timeout: int = 600) -> 
     """Run `torchrun --standalone --nproc_per_node nproc -m alignlib train objective --key value ...`."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "alignlib", "train", objective]
-    for key, value in args.items():
-        command += [f"--{key}", str(value)]
+    for key, value in args.items():  # a list gives several values to one flag
+        command += [f"--{key}", *map(str, value if isinstance(value, (list, tuple)) else [value])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("WORLD_SIZE", None)
     # start_new_session: if the test times out, the whole torchrun process group is killed with it
@@ -159,6 +165,26 @@ def test_kto_two_ranks_equal_one_process(model64_dir, pairs, heldout, tmp_path):
             assert two[key] == pytest.approx(one[key], rel=1e-9, abs=1e-12), key
 
 
+def test_sft_packed_two_ranks_equal_one_process(model64_dir, pairs, heldout, tmp_path):
+    """SFT on the pairs' prompts and chosen answers, packed into rows of at most 64 tokens, 2 epochs.
+    The step's loss is the NLL over the trained tokens of both ranks' rows, so 2 ranks of 2 packed
+    rows equal one process of 4, in float64 to 1e-9; the held-out loss too."""
+    model_cfg = ModelConfig(model_name_or_path=model64_dir, dtype="auto")
+    settings = {key: value for key, value in COMMON.items() if key != "max_prompt_length"}
+    settings.update(num_train_epochs=2, learning_rate=1e-2, packing=True)
+    train("sft", TrainConfig(output_dir=str(tmp_path / "one"), dataset_name=pairs, eval_dataset_name=heldout,
+                             per_device_train_batch_size=4, **settings), model_cfg)
+    run = torchrun("sft", {"model": model64_dir, "dataset": pairs, "eval_dataset": heldout,
+                           "output_dir": tmp_path / "two", "dtype": "auto", "per_device_train_batch_size": 2,
+                           **settings})
+    rows = int(run.stdout.split("[train] packing: 21 sequences in ")[1].split()[0])
+    steps = 2 * -(-rows // 4)
+    assert rows < 21 and rows % 4  # packed, and the last step of an epoch is short
+    assert_same_run(tmp_path / "one", tmp_path / "two", steps=steps, tolerance=1e-9)
+    for one, two in zip(eval_records(tmp_path / "one"), eval_records(tmp_path / "two"), strict=True):
+        assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-9, abs=1e-12)
+
+
 LORA_FLAGS = {"use_peft": True, "lora_r": 4, "lora_alpha": 8, "lora_target_modules": "all-linear"}
 LORA_SETTINGS = {**COMMON, "rpo_alpha": 0.5, "per_device_train_batch_size": 2, "learning_rate": 5e-3}
 
@@ -204,10 +230,115 @@ def test_resume_on_two_ranks_continues_each_ranks_dropout(model_dir, pairs, tmp_
                        **{**LORA_SETTINGS, "gradient_accumulation_steps": 4})
 
 
-def test_ppo_refuses_to_run_on_several_ranks(monkeypatch, tmp_path):
-    """PPO has no data parallelism: under torchrun every rank would train its own copy into one output_dir."""
-    from alignlib.rl import PPOConfig, train_ppo
+# ----------------------------------------------------------------------------------------------
+# The online loop: PPO, GRPO, RLOO
+# ----------------------------------------------------------------------------------------------
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="PPO runs in one process"):
-        train_ppo(PPOConfig(output_dir=str(tmp_path)), ModelConfig())
+
+@pytest.fixture(scope="module")
+def online_model(tmp_path_factory) -> str:
+    """The demo's warm-started base model (its answers earn demo_reward about a quarter of the time, so
+    rewards vary within a group), saved in float64."""
+    from transformers import AutoModelForCausalLM
+
+    from alignlib.models import load_tokenizer
+
+    base = demo.prepare_base_model(tmp_path_factory.mktemp("online") / "base", steps=100, show_progress=False)
+    path = tmp_path_factory.mktemp("online64") / "base"
+    AutoModelForCausalLM.from_pretrained(base).double().save_pretrained(path)
+    load_tokenizer(base).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def online_prompts(tmp_path_factory) -> tuple[list[str], str]:
+    prompts = demo.demo_prompts(demo.TRAIN_FILE)[:40]
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return prompts, str(path)
+
+
+ONLINE_COMMON = dict(max_steps=3, learning_rate=1e-3, seed=3, logging_steps=1, num_eval_prompts=6,
+                     lr_scheduler_type="linear", disable_tqdm=True)
+
+
+def online_single(objective: str, output_dir: Path, model_cfg: ModelConfig, prompts: list[str], **settings) -> None:
+    from alignlib.configs import ONLINE_CONFIGS
+    from alignlib.rl import train_online
+
+    config = ONLINE_CONFIGS[objective](output_dir=str(output_dir), **{**ONLINE_COMMON, **settings})
+    train_online(config, model_cfg, reward_fn=[demo.demo_reward] * len(config.reward_weights or [1]), prompts=prompts)
+
+
+def online_records(output_dir: Path) -> list[dict]:
+    return [{key: value for key, value in record.items()
+             if "time" not in key and key != "tokens_per_second" and value is not None}
+            for record in read_metrics(output_dir / "metrics.jsonl")]
+
+
+def assert_same_online_run(single: Path, ranks: Path, tolerance: float = 1e-9) -> None:
+    ours, theirs = online_records(ranks), online_records(single)
+    assert len(ours) == len(theirs) == ONLINE_COMMON["max_steps"] + 1  # each step once (rank 0 writes), the evaluation
+    for mine, expected in zip(ours, theirs, strict=True):  # rewards, losses, clip ratios, KL, grad norms, evaluation
+        assert mine.keys() == expected.keys()
+        assert mine == pytest.approx(expected, rel=tolerance, abs=tolerance, nan_ok=True)
+    final_single, final_ranks = weights(single / "final"), weights(ranks / "final")
+    assert final_single.keys() == final_ranks.keys()
+    for name in final_single:
+        torch.testing.assert_close(final_ranks[name], final_single[name], rtol=tolerance, atol=tolerance,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_grpo_two_ranks_equal_one_process_and_resume_on_two_ranks(online_model, online_prompts, tmp_path):
+    """12 completions per step, groups of 4: one process takes them as one micro-batch; 2 ranks take 6
+    each in micro-batches of 3, so the second group spans the ranks (its mean and std come from the
+    gathered rewards). KL to a frozen reference, 2 iterations per rollout, bnpo (a token-normalised
+    loss: the step's tokens over both ranks divide it). Then the 2-rank run resumed from its step-2
+    checkpoint on 2 ranks ends with the same weights."""
+    prompts, prompts_file = online_prompts
+    settings = dict(num_generations=4, beta=0.1, num_iterations=2, loss_type="bnpo", max_completion_length=24,
+                    save_steps=2)
+    single = ModelConfig(model_name_or_path=online_model, dtype="auto")
+    online_single("grpo", tmp_path / "one", single, prompts, per_device_train_batch_size=12, **settings)
+    flags = {"model": online_model, "dtype": "auto", "dataset": prompts_file, "reward_funcs": "alignlib.demo:demo_reward",
+             "per_device_train_batch_size": 3, "gradient_accumulation_steps": 2, **ONLINE_COMMON, **settings}
+    run = torchrun("grpo", {**flags, "output_dir": tmp_path / "two"})
+    assert run.stdout.count("trained 3 GRPO steps") == 1
+    assert_same_online_run(tmp_path / "one", tmp_path / "two")
+    rewards = [r["reward"] for r in online_records(tmp_path / "two") if "reward" in r]
+    assert 0 < min(rewards) and max(rewards) < 1  # the groups had something to compare
+
+    torchrun("grpo", {**flags, "output_dir": tmp_path / "resumed",
+                      "resume_from_checkpoint": tmp_path / "two" / "checkpoint-2"})
+    resumed, uninterrupted = weights(tmp_path / "resumed" / "final"), weights(tmp_path / "two" / "final")
+    for name in uninterrupted:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=0, atol=0,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_ppo_two_ranks_equal_one_process(online_model, online_prompts, tmp_path):
+    """8 prompts per step in minibatches of 4, 2 epochs: on 2 ranks 4 prompts each in minibatches of 2
+    per rank. The value head, GAE's whitening (over the gathered batch) and the adaptive KL controller
+    must all agree."""
+    prompts, prompts_file = online_prompts
+    settings = dict(ppo_epochs=2, response_length=24, init_kl_coef=0.2, target=1.0, horizon=100)
+    online_single("ppo", tmp_path / "one", ModelConfig(model_name_or_path=online_model, dtype="auto"), prompts,
+                  per_device_train_batch_size=8, mini_batch_size=4, **settings)
+    torchrun("ppo", {"model": online_model, "dtype": "auto", "dataset": prompts_file, "output_dir": tmp_path / "two",
+                     "reward": "alignlib.demo:demo_reward", "per_device_train_batch_size": 4, "mini_batch_size": 2,
+                     **ONLINE_COMMON, **settings})
+    assert_same_online_run(tmp_path / "one", tmp_path / "two")
+
+
+def test_rloo_with_lora_and_two_reward_functions_two_ranks_equal_one_process(online_model, online_prompts, tmp_path):
+    """LoRA (the reference: the adapter disabled), the KL in the reward, two weighted reward functions."""
+    prompts, prompts_file = online_prompts
+    settings = dict(num_generations=4, num_iterations=2, max_completion_length=24, reward_weights=[1.0, 0.5],
+                    learning_rate=1e-2)
+    single = ModelConfig(model_name_or_path=online_model, dtype="auto", use_peft=True, lora_r=4, lora_alpha=8,
+                         lora_dropout=0.0, lora_target_modules=["all-linear"])
+    online_single("rloo", tmp_path / "one", single, prompts, per_device_train_batch_size=8, **settings)
+    torchrun("rloo", {"model": online_model, "dtype": "auto", "dataset": prompts_file, "output_dir": tmp_path / "two",
+                      "reward_funcs": ["alignlib.demo:demo_reward"] * 2, "per_device_train_batch_size": 4,
+                      **LORA_FLAGS, "lora_dropout": 0.0, **ONLINE_COMMON, **settings})
+    assert_same_online_run(tmp_path / "one", tmp_path / "two")

@@ -121,10 +121,10 @@ def text_reward(prompts, responses):
 
 
 @pytest.mark.parametrize(("fn", "message"), [
-    (short_reward, r"test_rl\.short_reward returned 2 scores for 3 responses"),
-    (nan_reward, r"test_rl\.nan_reward returned non-finite scores"),
-    (text_reward, r"test_rl\.text_reward returned non-numbers"),
-    (lambda p, r: 1.0, r"<lambda> must return one number per response"),
+    (short_reward, r"test_rl\.short_reward returned 2 scores for 3 completions"),
+    (nan_reward, r"test_rl\.nan_reward returned a non-finite score, nan, at completion 0 of 3"),
+    (text_reward, r"test_rl\.text_reward returned a non-number, 'good', at completion 0 of 3"),
+    (lambda p, r: 1.0, r"<lambda> must return one number per completion"),
 ])
 def test_reward_function_errors_name_the_function(fn, message):
     with pytest.raises(ValueError, match=message):
@@ -179,9 +179,11 @@ def test_train_ppo_rejects_bad_input(base_model, tmp_path, demo_prompts):
                                          r"response_length \(24\) leaves 104"):
         train_ppo(_tiny_config(tmp_path), model_config, reward_fn=demo_reward, prompts=["how do i fix a door ?",
                                                                                          too_long])
-    with pytest.raises(ValueError, match=r"test_rl\.nan_reward returned non-finite"):
+    with pytest.raises(ValueError, match=r"test_rl\.nan_reward returned a non-finite score, nan, at evaluation prompt "
+                                         r"#0 \('how do i"):
         train_ppo(_tiny_config(tmp_path / "nan"), model_config, reward_fn=nan_reward, prompts=demo_prompts[0])
-    with pytest.raises(ValueError, match=r"test_rl\.short_reward returned 3 scores for 4"):
+    with pytest.raises(ValueError, match=r"test_rl\.short_reward returned 3 scores for 4 completions for evaluation "
+                                         r"prompt #0 .*\.\. evaluation prompt #3"):
         train_ppo(_tiny_config(tmp_path / "short"), model_config, reward_fn=short_reward, prompts=demo_prompts[0])
     with pytest.raises(ValueError, match="no reward"):
         train_ppo(_tiny_config(tmp_path), model_config, prompts=demo_prompts[0])
@@ -260,7 +262,7 @@ def test_nonfinite_minibatch_stops_or_is_skipped_as_in_the_offline_trainer(base_
     or drop that update (logged) and go on."""
     model_config = ModelConfig(model_name_or_path=base_model)
     _nan_logits_on_update_forwards(model_config, monkeypatch, bad_forwards={2})
-    with pytest.raises(FloatingPointError, match=r"PPO step 2, epoch 1, minibatch 1: the loss is nan"):
+    with pytest.raises(FloatingPointError, match=r"ppo step 2, pass 1, optimizer step 1: the loss is nan"):
         train_ppo(_tiny_config(tmp_path / "stop", max_steps=3), model_config, reward_fn=demo_reward,
                   prompts=demo_prompts[0])
 
@@ -301,7 +303,7 @@ def test_resume_after_interruption_gives_the_same_weights(base_model, tmp_path, 
                            mini_batch_size=4, num_eval_prompts=4, disable_tqdm=True, lr_scheduler_type="linear", **kw)
 
     train_ppo(config("straight"), model_config, reward_fn=demo_reward, prompts=train, eval_prompts=heldout)
-    with pytest.raises(SimulatedCrash):
+    with pytest.raises(ValueError, match="raised SimulatedCrash: crash in training call 3"):
         train_ppo(config("resumed"), model_config, reward_fn=_crash_on_training_call(3), prompts=train,
                   eval_prompts=heldout)
     assert not (tmp_path / "resumed" / "checkpoint-4").exists()
@@ -331,7 +333,7 @@ def test_resume_after_interruption_gives_the_same_weights(base_model, tmp_path, 
 def test_embedded_default_fills_only_unset_fields(base_model, tmp_path, monkeypatch):
     import alignlib.demo
 
-    monkeypatch.setattr(alignlib.demo, "prepare_base_model", lambda path: base_model)
+    monkeypatch.setattr(alignlib.demo, "prepare_base_model", lambda path, **kwargs: base_model)
     config, model_config = ppo_embedded_default(PPOConfig(output_dir=str(tmp_path), learning_rate=3e-4), ModelConfig())
     assert model_config.model_name_or_path == base_model and not model_config.use_peft
     assert config.learning_rate == 3e-4  # set by the user: kept
@@ -345,7 +347,7 @@ def test_embedded_default_fills_only_unset_fields(base_model, tmp_path, monkeypa
 def test_train_ppo_without_a_model_runs_the_embedded_default(base_model, tmp_path, monkeypatch):
     import alignlib.demo
 
-    monkeypatch.setattr(alignlib.demo, "prepare_base_model", lambda path: base_model)
+    monkeypatch.setattr(alignlib.demo, "prepare_base_model", lambda path, **kwargs: base_model)
     config = PPOConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=8,
                        mini_batch_size=8, num_eval_prompts=8, disable_tqdm=True)
     result = train_ppo(config, ModelConfig())

@@ -6,8 +6,9 @@ so any flag given still wins.
 
 - Offline objectives (`alignlib.trainer`): TRAIN_COMMON, then TRAIN_SETTINGS[objective];
   `train_defaults(objective)` merges them with the demo's output folder.
-- PPO (`alignlib.rl`): PPO_SETTINGS (PPO_LORA_LEARNING_RATE with LoRA), `demo_reward` and the
-  demo's "how do i ..." prompts; `ppo_embedded_default` applies them to a PPOConfig given in Python.
+- The online objectives (`alignlib.rl`): ONLINE_SETTINGS[objective] (PPO_SETTINGS, GRPO_SETTINGS,
+  RLOO_SETTINGS; ONLINE_LORA_LEARNING_RATES with LoRA), `demo_reward` and the demo's "how do i ..."
+  prompts; `online_embedded_default` applies them to a config given in Python.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from alignlib.configs import PPOConfig
+    from alignlib.configs import OnlineConfig, PPOConfig
     from alignlib.models import ModelConfig
 
 OUTPUT_ROOT = "alignlib-demo"
 """The demo writes into OUTPUT_ROOT/OBJECTIVE/ in the current folder (git-ignored in this repository)."""
 
 # ----------------------------------------------------------------------------------------------
-# Offline objectives: dpo, orpo, simpo, cpo, reward
+# Offline objectives: sft, dpo, orpo, simpo, cpo, kto, reward
 # ----------------------------------------------------------------------------------------------
 
 TRAIN_COMMON: dict[str, Any] = {
@@ -33,6 +34,7 @@ TRAIN_COMMON: dict[str, Any] = {
     "lr_scheduler_type": "constant",
 }
 TRAIN_SETTINGS: dict[str, dict[str, Any]] = {
+    "sft": {"learning_rate": 3e-3},  # from the untrained model: prompts and their chosen answers
     "dpo": {"beta": 0.1, "rpo_alpha": 1.0},
     "orpo": {"beta": 0.1, "learning_rate": 1e-4},
     "simpo": {"beta": 2.0, "simpo_gamma": 0.5, "learning_rate": 5e-5},
@@ -46,16 +48,19 @@ SAMPLE_PROMPTS = ("how do i fix a boat ?", "which colour does the lemon have ?")
 
 def train_defaults(objective: str) -> dict[str, Any]:
     """The flags' defaults of `alignlib train OBJECTIVE` in the embedded default."""
-    return {**TRAIN_COMMON, **TRAIN_SETTINGS[objective], "output_dir": f"{OUTPUT_ROOT}/{objective}"}
+    settings = {**TRAIN_COMMON, **TRAIN_SETTINGS[objective], "output_dir": f"{OUTPUT_ROOT}/{objective}"}
+    if objective == "sft":  # SFT cuts whole sequences to max_length, never prompts
+        del settings["max_prompt_length"]
+    return settings
 
 
 # ----------------------------------------------------------------------------------------------
-# PPO
+# The online objectives: ppo, grpo, rloo
 # ----------------------------------------------------------------------------------------------
 
 # Measured on 2 CPU cores (docs/rlhf.md): full fine-tuning of the ~1M-parameter demo model with a
 # frozen reference copy learns faster and stays more coherent than LoRA on it. With use_peft the
-# learning rate is PPO_LORA_LEARNING_RATE instead.
+# learning rate is ONLINE_LORA_LEARNING_RATES[objective] instead.
 PPO_SETTINGS: dict[str, Any] = {
     "max_steps": 40,
     "per_device_train_batch_size": 64,
@@ -68,20 +73,44 @@ PPO_SETTINGS: dict[str, Any] = {
     "horizon": 1000,
     "missing_eos_penalty": 1.0,
 }
+# GRPO and RLOO (docs/rlhf.md): 8 prompts x 8 completions per step; a KL term to a frozen copy of
+# the base model keeps the answers coherent.
+GRPO_SETTINGS: dict[str, Any] = {
+    "max_steps": 60,
+    "per_device_train_batch_size": 64,
+    "num_generations": 8,
+    "learning_rate": 1e-4,
+    "max_completion_length": 24,
+    "beta": 0.04,
+    "lr_scheduler_type": "constant",
+}
+RLOO_SETTINGS: dict[str, Any] = {**GRPO_SETTINGS, "beta": 0.05}
+ONLINE_SETTINGS: dict[str, dict[str, Any]] = {"ppo": PPO_SETTINGS, "grpo": GRPO_SETTINGS, "rloo": RLOO_SETTINGS}
 PPO_LORA_LEARNING_RATE = 5e-4
+ONLINE_LORA_LEARNING_RATES = {"ppo": PPO_LORA_LEARNING_RATE, "grpo": 5e-4, "rloo": 5e-4}
+
+
+def online_defaults(objective: str) -> dict[str, Any]:
+    """The flags' defaults of `alignlib train OBJECTIVE` (ppo, grpo, rloo) in the embedded default."""
+    return {**ONLINE_SETTINGS[objective], "demo_defaults": False, "output_dir": f"{OUTPUT_ROOT}/{objective}"}
 
 
 def ppo_defaults() -> dict[str, Any]:
     """The flags' defaults of `alignlib train ppo` in the embedded default."""
-    return {**PPO_SETTINGS, "demo_defaults": False, "output_dir": f"{OUTPUT_ROOT}/ppo"}
+    return online_defaults("ppo")
+
+
+def online_demo_config(objective: str, **overrides: Any) -> OnlineConfig:
+    """The objective's config with the embedded default's settings (ONLINE_SETTINGS), then `overrides`
+    (kept as given, even where they equal a class default: demo_defaults is False)."""
+    from alignlib.configs import ONLINE_CONFIGS
+
+    return ONLINE_CONFIGS[objective](**{**ONLINE_SETTINGS[objective], "demo_defaults": False, **overrides})
 
 
 def ppo_demo_config(**overrides: Any) -> PPOConfig:
-    """A PPOConfig with the embedded default's settings (PPO_SETTINGS), then `overrides`
-    (kept as given, even where they equal a class default: demo_defaults is False)."""
-    from alignlib.configs import PPOConfig
-
-    return PPOConfig(**{**PPO_SETTINGS, "demo_defaults": False, **overrides})
+    """online_demo_config("ppo", ...)."""
+    return online_demo_config("ppo", **overrides)
 
 
 def demo_reward(prompts: list[str], responses: list[str]) -> list[float]:
@@ -98,28 +127,35 @@ def demo_prompts(path: Path) -> list[str]:
     return [row["prompt"] for row in read_pairs(path) if "colour" not in row["prompt"]]
 
 
-def ppo_embedded_default(config: PPOConfig, model_config: ModelConfig) -> tuple[PPOConfig, ModelConfig]:
-    """The embedded default's model and settings, for a PPO run given no model.
+def online_embedded_default(config: OnlineConfig, model_config: ModelConfig, *,
+                            verbose: bool = True) -> tuple[OnlineConfig, ModelConfig]:
+    """The embedded default's model and settings, for an online run given no model.
 
     The model becomes the demo base model (alignlib.demo.prepare_base_model, built once into
     output_dir/base-model; full fine-tuning unless model_config.use_peft). With
-    config.demo_defaults, every PPOConfig field still at its class default takes the demo's
-    value (PPO_SETTINGS; a field set explicitly to its class default is replaced too: build the
-    config with ppo_demo_config(), or set demo_defaults False, to keep it). Prompts and reward
-    are filled in by alignlib.rl.train_ppo.
+    config.demo_defaults, every field still at its class default takes the demo's value
+    (ONLINE_SETTINGS[config.objective]; a field set explicitly to its class default is replaced
+    too: build the config with online_demo_config(), or set demo_defaults False, to keep it).
+    Prompts and reward are filled in by alignlib.rl.train_online.
     """
     import alignlib.demo
-    from alignlib.configs import PPOConfig
 
-    demo_values = dict(PPO_SETTINGS)
+    objective = config.objective
+    demo_values = dict(ONLINE_SETTINGS[objective])
     if model_config.use_peft:
-        demo_values["learning_rate"] = PPO_LORA_LEARNING_RATE
-    defaults = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
+        demo_values["learning_rate"] = ONLINE_LORA_LEARNING_RATES[objective]
+    defaults = {f.name: f.default for f in dataclasses.fields(type(config))}
     overrides = {k: v for k, v in demo_values.items() if config.demo_defaults and getattr(config, k) == defaults[k]}
     config = dataclasses.replace(config, **overrides)
-    base = alignlib.demo.prepare_base_model(Path(config.output_dir) / "base-model")
+    base = alignlib.demo.prepare_base_model(Path(config.output_dir) / "base-model", show_progress=verbose)
     model_config = dataclasses.replace(model_config, model_name_or_path=str(base))
     shown = ", ".join(f"{k}={v}" for k, v in overrides.items())
-    print(f"alignlib ppo: embedded default: model {base} ({'LoRA' if model_config.use_peft else 'full fine-tuning'})"
-          f"{', settings ' + shown if shown else ''}")
+    if verbose:
+        print(f"alignlib {objective}: embedded default: model {base} "
+              f"({'LoRA' if model_config.use_peft else 'full fine-tuning'}){', settings ' + shown if shown else ''}")
     return config, model_config
+
+
+def ppo_embedded_default(config: PPOConfig, model_config: ModelConfig) -> tuple[PPOConfig, ModelConfig]:
+    """online_embedded_default for a PPOConfig."""
+    return online_embedded_default(config, model_config)
