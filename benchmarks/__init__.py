@@ -14,4 +14,4 @@ import sys
 if sys.path and os.path.isdir(os.path.join(os.path.abspath(sys.path[0] or "."), "kernels")):
     sys.path.pop(0)
 
-SUITES = ("losses", "logprobs", "lora", "dpo_step", "orpo_step")
+SUITES = ("losses", "logprobs", "lora", "dpo_step", "orpo_step", "kto_step", "grpo_step")

@@ -1,32 +1,58 @@
-"""Learning parity: alignlib's DPO trainer and TRL 1.16's DPOTrainer, same task, same hyperparameters.
+"""Learning parity: alignlib's DPO and KTO trainers against TRL 1.16's DPOTrainer and KTOTrainer,
+same task, same hyperparameters.
 
-    python scripts/learning_parity.py                      # seeds 0 1 2, results table on stdout
+    python scripts/learning_parity.py                      # DPO, seeds 0 1 2, results table on stdout
     python scripts/learning_parity.py --seeds 0 --steps 50 # a quick look
+    python scripts/learning_parity.py --objective kto      # KTO
     python scripts/learning_parity.py --json results.json  # also the raw numbers
 
 The task is alignlib's embedded demo (alignlib/demo): a tiny Llama warm-started to answer
 mostly rudely (`prepare_base_model`), train.jsonl's 1000 preference pairs, and
 heldout.jsonl's 200 pairs with (verb, thing) combinations and a question template that
-training never shows. Both libraries fine-tune every weight with DPO's sigmoid loss from
-the same base model, with the same learning rate, batch size, steps, beta, scheduler,
-optimizer, gradient clipping and seed, each with a frozen copy of the base model as the
-reference. The data order is the same too: alignlib's SeededSampler and accelerate's
+training never shows. Both libraries fine-tune every weight from the same base model, with
+the same learning rate, batch size, steps, beta, scheduler, optimizer, gradient clipping and
+seed, each with a frozen copy of the base model as the reference.
+
+DPO (sigmoid loss): the data order is the same too: alignlib's SeededSampler and accelerate's
 SeedableRandomSampler (under TRL's Trainer) both shuffle with torch.randperm seeded by
 seed + epoch. So the two runs follow the same trajectory up to float32 round-off, and the
 script also reports the largest difference between the two trained models' weights, next
 to the largest change training made to any weight.
 
-Both trained models are then scored by the same function (`heldout_accuracy`): the
-fraction of held-out pairs whose implicit reward margin
+KTO (loss_type "kto"): the pairs are read as 2000 unpaired rows (alignlib's
+`load_unpaired_dataset`: each pair's chosen row, label True, then its rejected row, False).
+alignlib shuffles them as for DPO and estimates the reference point z0 on each step's
+mismatched pairs (step example j's prompt with example j-1's completion, the first taking
+the last's). TRL 1.16's KTOTrainer does not shuffle (it requires
+train_sampling_strategy="sequential") and fixes the mismatched pairs when it prepares the
+data: it rotates the completions by one within each consecutive block of
+per_device_train_batch_size rows (row j gets row j-1's completion, the first the last's), so
+each batch's KL pairs are those of that batch. With one micro-batch per step, that is
+alignlib's rule exactly, and z0 is the same mean over the same 16 pairs on both sides. So
+that the two see the same rows in the same batches, TRL is given the rows in the order
+alignlib's trainer visits them (`alignlib.training.Schedule`, the trainer's own sampler: 150
+steps x 16 rows, one after the other; a TRL user shuffles before training, since TRL will
+not); the script checks that TRL then builds, token for token, alignlib's rows and alignlib's
+mismatched pairs. `--trl-order file` gives TRL the pairs file itself instead (TRL unpairs it
+into all chosen rows, then all rejected rows, and reads them in that order), for comparison.
+
+Both trained models are then scored by the same function (`heldout_scores`): the fraction of
+held-out pairs whose implicit reward margin
     (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))
-is positive (ties count half), with the base model as the reference and summed log-probs
-of the response tokens (the prompt masked), on alignlib's tokenization of the pairs (the
-script checks that TRL's tokenization of the training pairs is token for token the same).
+is positive (ties count half), with the base model as the reference and summed log-probs of
+the response tokens (the prompt masked), on alignlib's tokenization of the pairs (the script
+checks that TRL's tokenization of the training data is token for token the same). For KTO
+also the held-out reward margin: beta times that margin, averaged over the held-out pairs,
+which is the mean reward of the desirable completions minus that of the undesirable ones
+(KTO's rewards/margins on the held-out pairs read as unpaired rows).
 
 Time is measured end to end for each library, from the base model's path to the trained
 model saved on disk (loading policy and reference, tokenizing, training, saving), in this
 one process, the two runs of a seed back to back, the order alternating with the seed (even
-seeds: alignlib first). Two clocks: wall time, and this process's CPU time over the same
+seeds: alignlib first). Before the first seed, each library makes an untimed 2-step run, so
+that no timed run pays the process's one-time costs (importing TRL alone takes ~2 s of CPU
+time). For KTO, putting the rows in alignlib's order for TRL is done before TRL's clock
+starts. Two clocks: wall time, and this process's CPU time over the same
 span, which with one torch thread is the work done and is much less affected than wall time
 by other processes on the machine. Both runs use the same torch thread count (--threads,
 default 1: on a small shared CPU machine, two intra-op threads contending with other
@@ -42,30 +68,37 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from datasets import load_dataset
+from datasets import Dataset, disable_progress_bars, load_dataset
 from transformers import AutoModelForCausalLM
+from transformers.utils import logging as transformers_logging
 
 from alignlib import demo
 from alignlib.data import (
     PreferenceCollator,
+    UnpairedCollator,
     load_preference_dataset,
+    load_unpaired_dataset,
     pad_token_id_for,
     tokenize_preference_dataset,
+    tokenize_unpaired_dataset,
 )
 from alignlib.logprobs import sequence_logprobs
 from alignlib.models import ModelConfig, load_tokenizer
 from alignlib.trainer import TrainConfig, train
+from alignlib.training import Schedule
 
 MAX_LENGTH, MAX_PROMPT_LENGTH = 64, 32  # the demo's; every demo pair fits, so nothing is truncated
+LOSS_TYPES = {"dpo": "sigmoid", "kto": "kto"}
+TRL_ORDERS = ("alignlib", "file")
 
 
 @dataclass
 class Settings:
-    """The hyperparameters both libraries get (names as in TrainConfig and DPOConfig)."""
+    """The hyperparameters both libraries get (names as in TrainConfig, DPOConfig and KTOConfig)."""
 
     max_steps: int = 150
     per_device_train_batch_size: int = 16
@@ -84,6 +117,7 @@ class RunResult:
     library: str
     seed: int
     heldout_accuracy: float
+    heldout_margin: float  # beta x the mean held-out implicit-reward margin (KTO's rewards/margins)
     wall_seconds: float
     cpu_seconds: float  # this process's CPU time over the run: less sensitive than wall time to other processes
     load_average_before: float
@@ -96,25 +130,35 @@ class RunResult:
 # ----------------------------------------------------------------------------------------------
 
 
-def run_alignlib(base: Path, output_dir: Path, settings: Settings, seed: int) -> tuple[Path, None]:
+def run_alignlib(objective: str, base: Path, output_dir: Path, settings: Settings, seed: int, prepared=None):
     cfg = TrainConfig(output_dir=str(output_dir), dataset_name=str(demo.TRAIN_FILE), max_length=MAX_LENGTH,
-                      max_prompt_length=MAX_PROMPT_LENGTH, loss_type="sigmoid", seed=seed, save_steps=0,
+                      max_prompt_length=MAX_PROMPT_LENGTH, loss_type=LOSS_TYPES[objective], seed=seed, save_steps=0,
                       plot=False, disable_tqdm=True, reference_strategy="model", **asdict(settings))
-    result = train("dpo", cfg, ModelConfig(model_name_or_path=str(base), dtype="float32"))
+    result = train(objective, cfg, ModelConfig(model_name_or_path=str(base), dtype="float32"))
     return result.model_dir, None
 
 
-def run_trl(base: Path, output_dir: Path, settings: Settings, seed: int):
-    """The trained model's directory, and TRL's processed training set (for `check_same_tokens`)."""
-    from trl import DPOConfig, DPOTrainer
+def trl_args(config_cls, output_dir: Path, settings: Settings, seed: int, objective: str):
+    return config_cls(output_dir=str(output_dir), loss_type=LOSS_TYPES[objective], seed=seed, max_length=MAX_LENGTH,
+                      gradient_accumulation_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+                      use_cpu=not torch.cuda.is_available(), bf16=False, gradient_checkpointing=False,
+                      dataloader_num_workers=0, **asdict(settings))  # TRL defaults bf16 and checkpointing to True
 
-    args = DPOConfig(output_dir=str(output_dir), loss_type="sigmoid", seed=seed, max_length=MAX_LENGTH,
-                     gradient_accumulation_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
-                     use_cpu=not torch.cuda.is_available(), bf16=False, gradient_checkpointing=False,
-                     dataloader_num_workers=0, **asdict(settings))  # TRL defaults bf16 and checkpointing to True
+
+def run_trl(objective: str, base: Path, output_dir: Path, settings: Settings, seed: int, prepared=None):
+    """The trained model's directory, and TRL's processed training set (for the token checks).
+
+    `prepared`: KTO's training rows as TRL gets them (`kto_rows_for_trl`), built before the clock starts."""
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=load_dataset("json", data_files=str(demo.TRAIN_FILE),
-                         split="train"), processing_class=load_tokenizer(str(base)))  # ref: loaded from `base`
+    if objective == "dpo":
+        trainer = DPOTrainer(model=model, args=trl_args(DPOConfig, output_dir, settings, seed, objective),
+                             train_dataset=load_dataset("json", data_files=str(demo.TRAIN_FILE), split="train"),
+                             processing_class=load_tokenizer(str(base)))  # ref: loaded from `base`
+    else:
+        trainer = KTOTrainer(model=model, args=trl_args(KTOConfig, output_dir, settings, seed, objective),
+                             train_dataset=prepared, processing_class=load_tokenizer(str(base)))  # ref: from `base`
     trainer.train()
     final = output_dir / "final"
     trainer.save_model(str(final))
@@ -128,6 +172,63 @@ def check_same_tokens(trl_dataset, base: Path) -> None:
     theirs_rejected = [p + r for p, r in zip(trl_dataset["prompt_ids"], trl_dataset["rejected_ids"], strict=True)]
     if ours["chosen_input_ids"] != theirs_chosen or ours["rejected_input_ids"] != theirs_rejected:
         raise RuntimeError("TRL and alignlib tokenize the demo pairs differently; the comparison would be unfair")
+
+
+# ----------------------------------------------------------------------------------------------
+# KTO: the same rows in the same batches, and the same mismatched pairs
+# ----------------------------------------------------------------------------------------------
+
+
+def alignlib_kto_order(n_rows: int, settings: Settings, seed: int) -> list[int]:
+    """The unpaired rows alignlib's trainer uses, step after step (its own Schedule, as train() builds it)."""
+    batch = settings.per_device_train_batch_size
+    schedule = Schedule(n_rows, batch, batch, seed)
+    return [index for step in range(settings.max_steps) for index in schedule.step_indices(step)]
+
+
+def kto_rows_for_trl(base: Path, settings: Settings, seed: int, trl_order: str) -> tuple[Dataset, list[int] | None]:
+    """KTO's training data as TRL is given it, and the order of alignlib's rows it follows (None: the file's).
+
+    "alignlib": alignlib's normalised unpaired rows (strings prompt, completion, label), in the order
+    alignlib's trainer visits them. "file": the pairs file itself, which TRL unpairs on its own."""
+    if trl_order == "file":
+        return load_dataset("json", data_files=str(demo.TRAIN_FILE), split="train"), None
+    rows = load_unpaired_dataset(str(demo.TRAIN_FILE), tokenizer=load_tokenizer(str(base)))
+    order = alignlib_kto_order(len(rows), settings, seed)
+    return rows.select(order), order
+
+
+def _tokenized_rows(base: Path):
+    tokenizer = load_tokenizer(str(base))
+    rows, stats = tokenize_unpaired_dataset(load_unpaired_dataset(str(demo.TRAIN_FILE), tokenizer=tokenizer),
+                                            tokenizer, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH)
+    if stats.dropped_empty_response or stats.prompts_truncated or stats.responses_truncated:
+        raise RuntimeError(f"the demo rows were truncated or dropped ({stats}); the order check assumes none are")
+    return rows, pad_token_id_for(tokenizer)
+
+
+def check_same_kto_batches(trl_dataset, base: Path, order: list[int] | None, batch_size: int) -> None:
+    """TRL's processed KTO rows are alignlib's tokenized rows, in alignlib's order (or, for the file's
+    order, TRL's unpairing: every chosen row, then every rejected row), and each batch's KL sequences are
+    alignlib's mismatched pairs of that step (UnpairedCollator.mismatched), token for token."""
+    ours, pad = _tokenized_rows(base)
+    if order is None:  # TRL unpaired the file: pair i's chosen row at i, its rejected row at n_pairs + i
+        pairs = len(ours) // 2
+        order = [2 * i for i in range(pairs)] + [2 * i + 1 for i in range(pairs)]
+        order = order[: len(trl_dataset)]
+    theirs = [p + c for p, c in zip(trl_dataset["prompt_ids"], trl_dataset["completion_ids"], strict=True)]
+    if len(theirs) != len(order) or any(ours[i]["input_ids"] != t for i, t in zip(order, theirs, strict=True)) \
+            or [bool(ours[i]["label"]) for i in order] != [bool(label) for label in trl_dataset["label"]]:
+        raise RuntimeError("TRL's KTO rows are not alignlib's rows in the expected order; the comparison would be unfair")
+    collator = UnpairedCollator(pad, max_length=MAX_LENGTH)
+    kl_theirs = [p + c for p, c in zip(trl_dataset["prompt_ids"], trl_dataset["KL_completion_ids"], strict=True)]
+    for start in range(0, len(order), batch_size):
+        step = order[start: start + batch_size]
+        mismatched = collator.mismatched([ours[i] for i in step], [ours[step[j - 1]] for j in range(len(step))])
+        for row, ids in enumerate(kl_theirs[start: start + batch_size]):
+            n = int(mismatched["attention_mask"][row].sum())
+            if mismatched["input_ids"][row, :n].tolist() != ids:
+                raise RuntimeError(f"TRL's KL pair {start + row} differs from alignlib's mismatched pair")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,14 +258,16 @@ def response_logps(model_dir: Path, tokenized, pad_token_id: int, batch_size: in
     return torch.cat(rows)
 
 
-def heldout_accuracy(model_dir: Path, base: Path) -> float:
-    """Held-out implicit-reward accuracy of the model in model_dir against the base model (ties count half)."""
+def heldout_scores(model_dir: Path, base: Path, beta: float) -> tuple[float, float]:
+    """Held-out implicit-reward accuracy of the model in model_dir against the base model (ties count half),
+    and the held-out reward margin: beta x the mean of the pairs' implicit-reward margins."""
     tokenizer = load_tokenizer(str(base))
     tokenized = _tokenized(demo.HELDOUT_FILE, tokenizer)
     pad = pad_token_id_for(tokenizer)
     policy, reference = response_logps(model_dir, tokenized, pad), response_logps(base, tokenized, pad)
     margins = (policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1])
-    return ((margins > 0).double().mean() + 0.5 * (margins == 0).double().mean()).item()
+    accuracy = ((margins > 0).double().mean() + 0.5 * (margins == 0).double().mean()).item()
+    return accuracy, beta * margins.double().mean().item()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,18 +275,34 @@ def heldout_accuracy(model_dir: Path, base: Path) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def timed_run(library: str, base: Path, workdir: Path, settings: Settings, seed: int, position: int) -> RunResult:
+def timed_run(objective: str, library: str, base: Path, workdir: Path, settings: Settings, seed: int, position: int,
+              trl_order: str = "alignlib", name: str | None = None) -> RunResult:
+    prepared, order = (None, None)
+    if library == "trl" and objective == "kto":  # before the clock: putting the rows in alignlib's order
+        prepared, order = kto_rows_for_trl(base, settings, seed, trl_order)
     load = os.getloadavg()[0]
     started, cpu_started = time.perf_counter(), time.process_time()
     runner = run_alignlib if library == "alignlib" else run_trl
-    model_dir, trl_dataset = runner(base, workdir / f"{library}-seed{seed}", settings, seed)
+    model_dir, trl_dataset = runner(objective, base, workdir / f"{objective}-{name or library}-seed{seed}", settings,
+                                    seed, prepared)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    if trl_dataset is not None:
+    if trl_dataset is not None and objective == "dpo":
         check_same_tokens(trl_dataset, base)
-    accuracy = heldout_accuracy(model_dir, base)
-    print(f"seed {seed} {library:8s} held-out accuracy {accuracy:.3f}  wall {seconds:.1f} s  CPU {cpu_seconds:.1f} s  "
-          f"(load average before {load:.2f})", flush=True)
-    return RunResult(library, seed, accuracy, seconds, cpu_seconds, load, position, str(model_dir))
+    elif trl_dataset is not None:
+        check_same_kto_batches(trl_dataset, base, order, settings.per_device_train_batch_size)
+    accuracy, margin = heldout_scores(model_dir, base, settings.beta)
+    print(f"seed {seed} {name or library:8s} held-out accuracy {accuracy:.3f}  margin {margin:.3f}  wall {seconds:.1f} s"
+          f"  CPU {cpu_seconds:.1f} s  (load average before {load:.2f})", flush=True)
+    return RunResult(name or library, seed, accuracy, margin, seconds, cpu_seconds, load, position, str(model_dir))
+
+
+def warm_up(objective: str, base: Path, workdir: Path, settings: Settings, seed: int) -> None:
+    """A 2-step run of each library, untimed, so that no timed run pays the process's one-time costs
+    (importing TRL, first calls into torch, accelerate and datasets)."""
+    short = replace(settings, max_steps=2, logging_steps=1)
+    for library, runner in (("alignlib", run_alignlib), ("trl", run_trl)):
+        prepared = kto_rows_for_trl(base, short, seed, "alignlib")[0] if library == "trl" and objective == "kto" else None
+        runner(objective, base, workdir / f"{objective}-warmup-{library}", short, seed, prepared)
 
 
 def weight_differences(ours: Path, theirs: Path, base: Path) -> tuple[float, float]:
@@ -195,66 +314,98 @@ def weight_differences(ours: Path, theirs: Path, base: Path) -> tuple[float, flo
     return (max((a[k] - b[k]).abs().max().item() for k in a), max((a[k] - w0[k]).abs().max().item() for k in a))
 
 
-def table(results: list[RunResult], base_accuracy: float, weights: dict[int, tuple[float, float]]) -> str:
-    lines = ["| seed | alignlib acc. | TRL acc. | difference | alignlib wall (s) | TRL wall (s) | alignlib CPU (s) "
-             "| TRL CPU (s) | ran first | max weight diff. | max weight change |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+def table(results: list[RunResult], base_accuracy: float, weights: dict[int, tuple[float, float]],
+          margins: bool = False) -> str:
+    """The per-seed table (with the held-out reward margins when `margins`), and the mean row."""
+    margin_head, margin_rule = ("alignlib margin | TRL margin | ", "---:|---:|") if margins else ("", "")
+    lines = [f"| seed | alignlib acc. | TRL acc. | difference | {margin_head}alignlib wall (s) | TRL wall (s) "
+             "| alignlib CPU (s) | TRL CPU (s) | ran first | max weight diff. | max weight change |",
+             f"|---:|---:|---:|---:|{margin_rule}---:|---:|---:|---:|---|---:|---:|"]
     seeds = sorted({r.seed for r in results})
     for seed in seeds:
         ours = next(r for r in results if r.seed == seed and r.library == "alignlib")
         theirs = next(r for r in results if r.seed == seed and r.library == "trl")
         first = "alignlib" if ours.position == 1 else "TRL"
+        margin_cells = f"{ours.heldout_margin:.3f} | {theirs.heldout_margin:.3f} | " if margins else ""
         lines.append(f"| {seed} | {ours.heldout_accuracy:.3f} | {theirs.heldout_accuracy:.3f} | "
-                     f"{ours.heldout_accuracy - theirs.heldout_accuracy:+.3f} | {ours.wall_seconds:.1f} | "
+                     f"{ours.heldout_accuracy - theirs.heldout_accuracy:+.3f} | {margin_cells}{ours.wall_seconds:.1f} | "
                      f"{theirs.wall_seconds:.1f} | {ours.cpu_seconds:.1f} | {theirs.cpu_seconds:.1f} | {first} | "
                      f"{weights[seed][0]:.1e} | {weights[seed][1]:.1e} |")
-    mean = {lib: sum(r.heldout_accuracy for r in results if r.library == lib) / len(seeds) for lib in ("alignlib", "trl")}
-    wall = {lib: sum(r.wall_seconds for r in results if r.library == lib) / len(seeds) for lib in ("alignlib", "trl")}
-    cpu = {lib: sum(r.cpu_seconds for r in results if r.library == lib) / len(seeds) for lib in ("alignlib", "trl")}
-    lines.append(f"| mean | {mean['alignlib']:.3f} | {mean['trl']:.3f} | {mean['alignlib'] - mean['trl']:+.3f} | "
-                 f"{wall['alignlib']:.1f} | {wall['trl']:.1f} | {cpu['alignlib']:.1f} | {cpu['trl']:.1f} | | | |")
+
+    def mean(library: str, field: str) -> float:
+        return sum(getattr(r, field) for r in results if r.library == library) / len(seeds)
+
+    acc = {lib: mean(lib, "heldout_accuracy") for lib in ("alignlib", "trl")}
+    margin_cells = (f"{mean('alignlib', 'heldout_margin'):.3f} | {mean('trl', 'heldout_margin'):.3f} | "
+                    if margins else "")
+    lines.append(f"| mean | {acc['alignlib']:.3f} | {acc['trl']:.3f} | {acc['alignlib'] - acc['trl']:+.3f} | "
+                 f"{margin_cells}{mean('alignlib', 'wall_seconds'):.1f} | {mean('trl', 'wall_seconds'):.1f} | "
+                 f"{mean('alignlib', 'cpu_seconds'):.1f} | {mean('trl', 'cpu_seconds'):.1f} | | | |")
     lines.append(f"\nBase model (before training) held-out accuracy: {base_accuracy:.3f}.")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--objective", choices=sorted(LOSS_TYPES), default="dpo",
+                        help="dpo (sigmoid) against DPOTrainer, or kto (kto) against KTOTrainer")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=Settings.max_steps)
     parser.add_argument("--batch-size", type=int, default=Settings.per_device_train_batch_size)
     parser.add_argument("--lr", type=float, default=Settings.learning_rate)
     parser.add_argument("--beta", type=float, default=Settings.beta)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads, for both runs")
+    parser.add_argument("--trl-order", choices=TRL_ORDERS, default="alignlib",
+                        help="KTO: the rows TRL reads, in alignlib's step order (default) or the pairs file as TRL "
+                             "unpairs it")
+    parser.add_argument("--also-trl-file-order", action="store_true",
+                        help="KTO: also one TRL run on the pairs file in TRL's own order (first seed; it does not "
+                             "depend on the seed), scored the same way")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     args = parser.parse_args()
     if args.steps < 1 or args.batch_size < 1 or args.lr <= 0 or args.beta <= 0 or args.threads < 1:
         parser.error("--steps, --batch-size and --threads must be >= 1, --lr and --beta > 0")
+    if args.objective == "kto" and args.batch_size < 2:
+        parser.error("KTO needs --batch-size >= 2 (TRL's KTOTrainer refuses 1: z0 would be the example's own reward)")
+    if args.objective != "kto" and (args.trl_order != "alignlib" or args.also_trl_file_order):
+        parser.error("--trl-order and --also-trl-file-order are for --objective kto")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TQDM_DISABLE", "1")
+    disable_progress_bars()  # datasets' map bars, and transformers' weight-loading bars
+    transformers_logging.disable_progress_bar()
     settings = Settings(max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
                         beta=args.beta)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="learning-parity-"))
-    base = demo.prepare_base_model(workdir / "base")
-    base_accuracy = heldout_accuracy(base, base)
-    print(f"settings: {asdict(settings)}; threads {args.threads}; workdir {workdir}", flush=True)
+    base = demo.prepare_base_model(workdir / "base", show_progress=False)
+    base_accuracy, _ = heldout_scores(base, base, settings.beta)
+    print(f"objective {args.objective}; settings: {asdict(settings)}; threads {args.threads}; workdir {workdir}",
+          flush=True)
+    warm_up(args.objective, base, workdir, settings, args.seeds[0])
 
     results, weights = [], {}
     for seed in args.seeds:
         order = ("alignlib", "trl") if seed % 2 == 0 else ("trl", "alignlib")
-        runs = {library: timed_run(library, base, workdir, settings, seed, position)
+        runs = {library: timed_run(args.objective, library, base, workdir, settings, seed, position, args.trl_order)
                 for position, library in enumerate(order, start=1)}
         results += runs.values()
         weights[seed] = weight_differences(Path(runs["alignlib"].model_dir), Path(runs["trl"].model_dir), base)
         print(f"seed {seed} max |w_alignlib - w_TRL| {weights[seed][0]:.2e}; "
               f"max |w_alignlib - w_base| {weights[seed][1]:.2e}", flush=True)
+    extra = []
+    if args.also_trl_file_order:
+        extra.append(timed_run("kto", "trl", base, workdir, settings, args.seeds[0], 3, "file", name="trl-file-order"))
     print()
-    print(table(results, base_accuracy, weights))
+    print(table(results, base_accuracy, weights, margins=args.objective == "kto"))
+    for run in extra:
+        print(f"\nTRL on the pairs file in its own order (seed {run.seed}): held-out accuracy {run.heldout_accuracy:.3f}, "
+              f"margin {run.heldout_margin:.3f}, wall {run.wall_seconds:.1f} s, CPU {run.cpu_seconds:.1f} s.")
     if args.json:
-        args.json.write_text(json.dumps({"settings": asdict(settings), "threads": args.threads,
+        args.json.write_text(json.dumps({"objective": args.objective, "settings": asdict(settings),
+                                         "threads": args.threads, "trl_order": args.trl_order,
                                          "base_accuracy": base_accuracy,
-                                         "runs": [asdict(r) for r in results],
+                                         "runs": [asdict(r) for r in results + extra],
                                          "weight_differences": weights}, indent=2))
 
 

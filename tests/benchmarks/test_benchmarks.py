@@ -77,7 +77,7 @@ def test_tables_say_where_alignlib_is_behind_a_peer():
     assert harness.behind(rows, floors=frozenset({"TRL", "Liger"})) == {}  # floors are not peers
 
 
-@pytest.mark.parametrize("suite", ["losses", "logprobs", "lora", "dpo_step", "orpo_step"])
+@pytest.mark.parametrize("suite", ["losses", "logprobs", "lora", "dpo_step", "orpo_step", "kto_step", "grpo_step"])
 def test_suite_runs_at_tiny_sizes_and_writes_its_files(suite, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "benchmarks", suite, "--sizes", "tiny", "--device", "cpu",
