@@ -50,15 +50,16 @@ __all__ = [
 ]
 
 LOCK_FILE = ".alignlib.lock"
-RUN_ENTRIES = ("metrics.jsonl", "config.json", "final", "latest", "training_curves.png")
-"""The files and folders a run writes into output_dir, besides its checkpoint-N folders."""
+RUN_ENTRIES = ("metrics.jsonl", "config.json", "final", "latest", "training_curves.png", "runs", "wandb")
+"""The files and folders a run writes into output_dir, besides its checkpoint-N folders (runs/: TensorBoard's
+event files, wandb/: an offline wandb run, with report_to)."""
 _RUN_ENTRY = re.compile(r"^(checkpoint-\d+|\.(checkpoint-\d+|latest|final|metrics\.jsonl|config\.json)\.(tmp|old)-.*)$")
 
 SAFE_TO_CHANGE = frozenset({
     "output_dir", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "resume_from_checkpoint",
     "overwrite_output_dir", "disable_tqdm", "plot", "per_device_eval_batch_size", "eval_dataset_name",
     "dataset_test_split", "eval_dataset", "eval_split", "num_eval_prompts", "on_nonfinite", "merge_adapter",
-    "demo_defaults",
+    "demo_defaults", "report_to", "logging_dir", "run_name", "logging_first_step", "eval_strategy",
 })
 """Settings a resumed run may change: what is logged, evaluated, checkpointed or kept, not what is trained."""
 
@@ -283,7 +284,7 @@ def run_record(objective: str, *configs: Any, data: str, world_size: int = 1, **
     settings: dict[str, Any] = {}
     for config in configs:
         for key, value in dataclasses.asdict(config).items():
-            settings[key] = _resolved_model(value) if key == "model_name_or_path" else value
+            settings[key] = _resolved_model(value) if key in ("model_name_or_path", "ref_model") else value
     return {"objective": objective, "settings": settings, "data": data, "world_size": world_size, **extra}
 
 

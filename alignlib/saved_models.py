@@ -1,14 +1,18 @@
 """Trained models on disk: save them, merge an adapter, load them back to generate.
 
-- `save_model`: a Hugging Face / peft directory, written atomically; an adapter trained over a
-  quantised base records that base's quantisation beside it, so it reloads over the same base;
+- `save_model`: a Hugging Face / peft directory, written atomically; an adapter records beside
+  it what its base is beyond base_model_name_or_path (a quantisation, a start adapter merged into
+  it, embeddings resized for a chat format's tokens), so it reloads over the same base;
   `merge_adapter=True` saves the adapter merged into (a dequantised copy of) the base.
-- `load_for_generation`: (model, tokenizer) from a full model or an adapter directory, refusing
-  an adapter saved for another base.
+- `load_for_generation`: (model, tokenizer) from a full model, an adapter or a checkpoint
+  directory, refusing an adapter saved for another base.
+- `merge_saved_adapter`: `alignlib merge`: an adapter directory merged into its base, saved as a
+  full model in the dtype asked for (a 4-bit base dequantised).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import json
@@ -23,17 +27,25 @@ import torch
 
 from alignlib.checkpoint import MANIFEST_FILE, atomic_directory, trainable_state_dict, validate_checkpoint
 from alignlib.models import (
+    ADAPTER_BASE_FILE,
+    BASE_QUANTIZATION_FILE,
     DTYPES,
     ModelConfig,
+    attach_adapter,
+    base_recipe_of,
+    dequantized_copy,
     is_peft_model,
     is_quantized,
     keep_4bit_weights_trainable_on_cpu,
+    load_adapter_base,
     load_causal_lm,
+    load_model_tokenizer,
     load_tokenizer,
     local_dir,
+    save_embedding_layers,
 )
 
-__all__ = ["BASE_QUANTIZATION_FILE", "load_for_generation", "save_model"]
+__all__ = ["BASE_QUANTIZATION_FILE", "load_for_generation", "merge_saved_adapter", "save_model"]
 
 
 def save_model(model: Any, tokenizer: Any, output_dir: str | os.PathLike, *, merge_adapter: bool = False) -> Path:
@@ -59,12 +71,10 @@ def save_model(model: Any, tokenizer: Any, output_dir: str | os.PathLike, *, mer
         with atomic_directory(output_dir) as tmp:
             if merge_adapter:
                 _merged_copy(model, tmp).save_pretrained(tmp)
+            elif is_peft:
+                _save_adapter(model, tmp)
             else:
                 model.save_pretrained(tmp)
-                if is_peft:
-                    _record_base_as_absolute_path(tmp / "adapter_config.json")
-                if is_peft and is_quantized(model.get_base_model()):
-                    (tmp / BASE_QUANTIZATION_FILE).write_text(json.dumps(_quantization_dict(model.get_base_model())))
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
     except SafetensorError as exc:  # e.g. a full disk: safetensors reports "... (os error 28)", not an OSError
@@ -74,8 +84,25 @@ def save_model(model: Any, tokenizer: Any, output_dir: str | os.PathLike, *, mer
     return output_dir
 
 
-# Saved beside an adapter trained over a quantised base, so it is reloaded over the same base.
-BASE_QUANTIZATION_FILE = "base_quantization_config.json"
+def _save_adapter(model: Any, directory: Path) -> None:
+    """The trained (active) adapter alone, at the top of `directory` whatever its name (peft puts an
+    adapter not named "default" in a subfolder; a frozen reference adapter is left out), with what
+    its base is beyond base_model_name_or_path."""
+    name = model.active_adapter
+    scratch = Path(tempfile.mkdtemp(prefix="adapter-", dir=directory))
+    model.save_pretrained(scratch, selected_adapters=[name], save_embedding_layers=save_embedding_layers(model, name))
+    saved = scratch / name if name != "default" else scratch
+    for entry in saved.iterdir():
+        if entry.is_file():
+            os.replace(entry, directory / entry.name)
+    shutil.rmtree(scratch)
+    _record_base_as_absolute_path(directory / "adapter_config.json")
+    base = model.get_base_model()
+    if is_quantized(base):
+        (directory / BASE_QUANTIZATION_FILE).write_text(json.dumps(_quantization_dict(base)))
+    recipe = base_recipe_of(model)
+    if recipe:
+        (directory / ADAPTER_BASE_FILE).write_text(json.dumps(recipe, indent=2))
 
 
 def _record_base_as_absolute_path(adapter_config: Path) -> None:
@@ -96,57 +123,24 @@ def _quantization_dict(model: torch.nn.Module) -> dict:
     return quantization if isinstance(quantization, dict) else quantization.to_dict()
 
 
-def _merged_copy(peft_model: Any, scratch_dir: Path) -> torch.nn.Module:
-    """The adapter of `peft_model` merged into a full-precision copy of its base model."""
+def _merged_copy(peft_model: Any, scratch_dir: Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The trained (active) adapter of `peft_model` merged into a full-precision copy of its base
+    model; a 4-bit/8-bit base is dequantised first (`dequantized_copy`, in `dtype`, default its
+    compute dtype), so the merged model computes what the trained QLoRA model computed. The
+    training model is not modified."""
+    name = peft_model.active_adapter
     if not is_quantized(peft_model.get_base_model()):
-        return copy.deepcopy(peft_model).merge_and_unload()
-    import bitsandbytes as bnb
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    adapter_cfg = peft_model.peft_config[peft_model.active_adapter]
-    try:
-        base_path = local_dir(adapter_cfg.base_model_name_or_path, "base model")
-    except (FileNotFoundError, ValueError) as exc:
-        raise ValueError(f"merging into a quantised base reloads the base model's weights: {exc}; "
-                         "or save the adapter alone (merge_adapter=False)") from None
-    quantized = peft_model.get_base_model()
-    compute_dtype = _bnb_compute_dtype(quantized)
-    is_seq_cls = adapter_cfg.task_type == "SEQ_CLS"
-    auto_class = AutoModelForSequenceClassification if is_seq_cls else AutoModelForCausalLM
-    kwargs = {"num_labels": quantized.config.num_labels} if is_seq_cls else {}
-    base = auto_class.from_pretrained(base_path, dtype=compute_dtype, **kwargs)
-    float_modules = dict(base.named_modules())
-    with torch.no_grad():
-        for name, module in quantized.named_modules():
-            if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
-                float_name = name.removesuffix(".base_layer")
-                float_modules[float_name].weight.copy_(_dequantized_weight(module).to(compute_dtype))
+        merged = copy.deepcopy(peft_model).merge_and_unload(adapter_names=[name])
+        return merged if dtype is None else merged.to(dtype)
+    base = dequantized_copy(peft_model.get_base_model(), dtype)
     adapter_dir = Path(tempfile.mkdtemp(prefix="adapter-", dir=scratch_dir))
     try:
-        peft_model.save_pretrained(adapter_dir)
-        return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        peft_model.save_pretrained(adapter_dir, selected_adapters=[name],
+                                   save_embedding_layers=save_embedding_layers(peft_model, name))
+        saved = adapter_dir / name if name != "default" else adapter_dir
+        return attach_adapter(base, str(saved), what="the trained adapter").merge_and_unload()
     finally:
         shutil.rmtree(adapter_dir, ignore_errors=True)
-
-
-def _bnb_compute_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype a bitsandbytes-quantised model computes in (float32 when not recorded)."""
-    quantization = getattr(model.config, "quantization_config", None)
-    if isinstance(quantization, dict):
-        dtype = quantization.get("bnb_4bit_compute_dtype")
-    else:
-        dtype = getattr(quantization, "bnb_4bit_compute_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."), None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
-
-
-def _dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
-    """The float weight of a bitsandbytes 4-bit or 8-bit linear layer (peft's helper)."""
-    from peft.utils.integrations import dequantize_bnb_weight
-
-    return dequantize_bnb_weight(module.weight, state=getattr(module, "state", None))
 
 
 def load_for_generation(path: str | os.PathLike, *, dtype: str = "auto",
@@ -180,31 +174,23 @@ def load_for_generation(path: str | os.PathLike, *, dtype: str = "auto",
     if json.loads(adapter_config.read_text()).get("task_type") == "SEQ_CLS":
         raise ValueError(f"{path} holds a reward model's adapter (task SEQ_CLS): it scores text and cannot generate")
 
-    from peft import PeftModel
-
-    base_path = str(base_model_name_or_path or json.loads(adapter_config.read_text()).get("base_model_name_or_path")
-                    or "")
-    base_path = local_dir(base_path, f"base model of the adapter in {path}")
+    load_kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
     quantization_file = Path(path) / BASE_QUANTIZATION_FILE
     if quantization_file.is_file():  # trained as QLoRA: the adapter belongs over the same quantised base
         from transformers import BitsAndBytesConfig
 
-        quantization = BitsAndBytesConfig.from_dict(json.loads(quantization_file.read_text()))
-        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
-        base = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quantization,
-                                                    device_map=device_map)
-        keep_4bit_weights_trainable_on_cpu(base)
+        load_kwargs = {"quantization_config": BitsAndBytesConfig.from_dict(json.loads(quantization_file.read_text()))}
+        if torch.cuda.is_available():
+            load_kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if base_model_name_or_path is not None:  # another base than the one recorded: load over it as given
+        base_path = local_dir(base_model_name_or_path, f"base model of the adapter in {path}")
+        base = AutoModelForCausalLM.from_pretrained(base_path, **load_kwargs)
+        if is_quantized(base):
+            keep_4bit_weights_trainable_on_cpu(base)
     else:
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[dtype])
-    try:
-        model = PeftModel.from_pretrained(base, path)
-    except RuntimeError as exc:
-        mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), None)
-        if mismatch is None:
-            raise
-        raise ValueError(f"the adapter in {path} was saved for a different base model than {base_path}: "
-                         f"{mismatch}") from None
-    _require_matching_adapter_keys(model, Path(path), base_path)
+        base = load_adapter_base(path, load_kwargs)
+        base_path = base.name_or_path
+    model = attach_adapter(base, path, what=f"the adapter in {path}")
     tokenizer_path = path if _has_tokenizer(path) else base_path
     return model.eval(), load_tokenizer(tokenizer_path) if _has_tokenizer(tokenizer_path) else None
 
@@ -238,29 +224,44 @@ def _load_checkpoint_for_generation(path: Path) -> tuple[Any, Any]:
         raise ValueError(f"checkpoint {path} does not fit the model of its run's config.json "
                          f"({model_cfg.model_name_or_path})")
     model.load_state_dict(saved, strict=False)
-    return model.eval(), load_tokenizer(model_cfg.model_name_or_path)
-
-
-def _require_matching_adapter_keys(model: Any, adapter_dir: Path, base_path: str) -> None:
-    """peft loads adapter weights non-strictly: weights for layers the base lacks are dropped and
-    layers the file lacks keep a fresh adapter. Refuse both (the model would not be the one trained)."""
-    from peft import get_peft_model_state_dict
-    from safetensors import safe_open
-
-    weights_file = adapter_dir / "adapter_model.safetensors"
-    if not weights_file.is_file():  # an older .bin adapter: peft's own checks only
-        return
-    with safe_open(str(weights_file), framework="pt") as handle:
-        saved = set(handle.keys())
-    expected = set(get_peft_model_state_dict(model))
-    if saved != expected:
-        extra, missing = sorted(saved - expected), sorted(expected - saved)
-        raise ValueError(f"the adapter in {adapter_dir} was saved for a different base model than {base_path}: "
-                         f"{len(extra)} adapter weights have no place in this base (e.g. {extra[:1]}), "
-                         f"{len(missing)} of its adapter weights are not in the file (e.g. {missing[:1]})")
+    return model.eval(), load_model_tokenizer(model_cfg)
 
 
 def _has_tokenizer(path: str) -> bool:
     return os.path.isdir(path) and any(
         (Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")
     )
+
+
+def merge_saved_adapter(path: str | os.PathLike, output_dir: str | os.PathLike, *, dtype: str = "auto") -> Path:
+    """`alignlib merge`: the adapter in `path` (an adapter directory, or a checkpoint folder of a
+    LoRA run) merged into its base and saved in `output_dir` as a full model with its tokenizer.
+
+    A base the adapter was trained over in 4 or 8 bit is dequantised and the merge done in `dtype`
+    ("auto": that base's compute dtype, else the base checkpoint's dtype), so the merged model
+    computes what the trained QLoRA model computed. `output_dir` must not exist yet (or be an
+    empty folder): it is written whole, atomically, or not at all.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        what = "is a file" if not output_dir.is_dir() else "already exists and is not empty"
+        raise FileExistsError(f"--output {output_dir} {what}: give a new folder for the merged model")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    model, tokenizer = load_for_generation(path, dtype=dtype)
+    if not is_peft_model(model):
+        raise ValueError(f"--model {path} holds a full model, not a LoRA adapter: there is nothing to merge")
+    wanted = None if dtype == "auto" else DTYPES[dtype]
+    created = [parent for parent in [output_dir.parent, *output_dir.parent.parents] if not parent.exists()]
+    try:
+        with atomic_directory(output_dir) as tmp:
+            merged = _merged_copy(model, tmp, wanted)
+            merged.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    except BaseException:
+        for parent in created:  # leave no empty folders made for the output behind
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
+    return output_dir

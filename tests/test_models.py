@@ -296,6 +296,19 @@ def test_reward_model_trains_adapters_and_score_head_and_reads_the_last_real_tok
     assert any("score" in key for key in saved)
 
 
+def test_a_qlora_reward_model_merges_into_its_dequantised_base(base_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = load_reward_model(lora_cfg(base_dir, lora_task_type="SEQ_CLS", load_in_4bit=True))
+    perturb_adapter(model)
+    model.eval()
+    ids = input_batch(seed=4).to(device_of(model))
+    expected = logits_of(model, ids).cpu()
+    save_model(model, None, tmp_path / "merged", merge_adapter=True)
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits_of(merged, ids.cpu()), expected, rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------
 # Reference strategies
 # ----------------------------------------------------------------------------------------------
@@ -462,8 +475,12 @@ def test_load_errors_are_one_line(base_dir, tmp_path, monkeypatch):
         load_causal_lm(ModelConfig(model_name_or_path="no-such-org/no-such-model"))
     policy = load_causal_lm(lora_cfg(base_dir))
     save_model(policy, None, tmp_path / "adapter")
-    with pytest.raises(FileNotFoundError, match="has no config.json.*load_for_generation"):
+    # an adapter as the starting point: continuing it trains LoRA (alignlib.models' start_adapter)
+    with pytest.raises(ValueError, match="is a LoRA adapter: --start_adapter continue trains it, which needs "
+                                         "--use_peft true"):
         load_causal_lm(ModelConfig(model_name_or_path=str(tmp_path / "adapter")))
+    with pytest.raises(ValueError, match="is a LoRA adapter: a reward model starts from a full model"):
+        load_reward_model(ModelConfig(model_name_or_path=str(tmp_path / "adapter")))
     with pytest.raises(ValueError, match="cannot be trained directly"):
         load_causal_lm(ModelConfig(model_name_or_path=base_dir, load_in_4bit=True))
     with pytest.raises(ValueError, match="LoRA could not be applied.*not_a_module"):
