@@ -1,10 +1,14 @@
 """The `alignlib` command.
 
     alignlib train {dpo,orpo,simpo,cpo,kto,reward} --model PATH --dataset PATH [--config FILE.yaml] [--KEY VALUE ...]
-    alignlib train ppo [--model PATH] [--reward_model PATH | --reward module:function] [--dataset PROMPTS] [...]
-    alignlib generate --model PATH --prompt TEXT [--max_new_tokens N] [--temperature T]
+    alignlib train {ppo,grpo,rloo} [--model PATH] [--reward_funcs module:function ... | --reward_model PATH]
+                                   [--reward_weights W ...] [--dataset PROMPTS] [...]
+    alignlib generate --model PATH --prompt TEXT [--system TEXT] [--stop TEXT ...] [--max_new_tokens N]
+                      [--temperature T] [--top_p P] [--top_k K] [--stream] [--raw]
+    alignlib merge --model ADAPTER_DIR --output DIR [--dtype {auto,float32,bfloat16,float16}]
+    alignlib recipes [--show NAME]      the shipped recipes: `alignlib train OBJECTIVE --config NAME`
 
-Flags are the fields of TrainConfig and PPOConfig (alignlib.configs) and ModelConfig
+Flags are the fields of TrainConfig and of PPOConfig, GRPOConfig, RLOOConfig (alignlib.configs) and ModelConfig
 (alignlib.models), parsed by transformers.HfArgumentParser; their names are TRL's, so a TRL
 YAML mostly works as --config. Flags given on the command line override the YAML. A flag is
 spelled out in full (no prefix matching).
@@ -44,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
             return train_command(rest)
         if command == "generate":
             return generate_command(rest)
+        if command == "merge":
+            return merge_command(rest)
+        if command == "recipes":
+            return recipes_command(rest)
     except USER_ERRORS as error:
         if os.environ.get("ALIGNLIB_DEBUG"):
             raise
@@ -53,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:  # training.Interrupted says where the run stands
         print(f"alignlib: {interrupt or 'interrupted'}", file=sys.stderr)
         return 130
-    print(f"alignlib: error: unknown command {command!r}; use 'train' or 'generate'", file=sys.stderr)
+    print(f"alignlib: error: unknown command {command!r}; use 'train', 'generate', 'merge' or 'recipes'", file=sys.stderr)
     return 2
 
 
@@ -121,8 +129,30 @@ def _config_path(args: list[str]) -> Path | None:
     pre.add_argument("--config", type=Path, default=None)
     path = pre.parse_known_args(args)[0].config
     if path is not None and not path.is_file():
-        raise FileNotFoundError(f"--config: no file at {path}")
+        return _recipe_file(path)
     return path
+
+
+def _recipe_file(name: Path) -> Path:
+    """--config NAME that is no file: the shipped recipe of that name (alignlib.recipes), or a one-line error."""
+    from alignlib.recipes import find_recipe, load_recipes
+
+    recipe = find_recipe(str(name))
+    if recipe is None:
+        raise FileNotFoundError(f"--config {name}: no such file, and no recipe of that name; recipes: "
+                                f"{', '.join(load_recipes())}")
+    return recipe.path
+
+
+def _check_recipe_objective(objective: str, args: list[str]) -> None:
+    """A recipe given to --config is for one objective: another one is refused in one line."""
+    from alignlib.recipes import load_recipes
+
+    path = _config_path(args)
+    recipe = next((r for r in load_recipes().values() if path is not None and path.resolve() == r.path), None)
+    if recipe is not None and recipe.objective != objective:
+        raise ValueError(f"--config {recipe.name} is a recipe for `alignlib train {recipe.objective}`, not "
+                         f"{objective} ({recipe.tutorial}, stage {recipe.stage}); see `alignlib recipes`")
 
 
 def _yaml_settings(path: Path) -> dict:
@@ -175,8 +205,11 @@ def train_command(args: list[str]) -> int:
         print(f"alignlib: error: train needs an objective: {', '.join(OBJECTIVES)}", file=sys.stderr)
         return 2
     objective, rest = args[0], args[1:]
-    if objective == "ppo":
-        return ppo_command(rest)
+    _check_recipe_objective(objective, rest)
+    from alignlib.configs import ONLINE_OBJECTIVES
+
+    if objective in ONLINE_OBJECTIVES:
+        return online_command(objective, rest)
     from alignlib import demo as embedded
     from alignlib.models import ModelConfig
     from alignlib.trainer import TrainConfig, train
@@ -214,14 +247,15 @@ def _use_demo_data(objective: str, cfg, model_cfg) -> None:
                      restarting=not resuming and resume_requested(cfg.resume_from_checkpoint))
     base = Path(cfg.output_dir) / "base-model"
     print(f"alignlib demo: preparing the tiny base model in {base} ...", flush=True)
-    model_cfg.model_name_or_path = str(demo.prepare_base_model(base))
+    # SFT starts from the untrained model (the other objectives' base is itself a short SFT run).
+    model_cfg.model_name_or_path = str(demo.prepare_base_model(base, steps=0 if objective == "sft" else 300))
 
 
 def _report(objective: str, result, demo: bool, model_cfg) -> None:
-    key = "rewards/margins" if objective == "kto" else "accuracy_ties_half"
-    what = {"reward": "reward-model accuracy", "kto": "implicit-reward margin, desirable - undesirable"}.get(
-        objective, "implicit-reward accuracy")
-    note = "" if objective == "kto" else "  (a tie counts 1/2)"
+    key = {"kto": "rewards/margins", "sft": "loss"}.get(objective, "accuracy_ties_half")
+    what = {"reward": "reward-model accuracy", "kto": "implicit-reward margin, desirable - undesirable",
+            "sft": "loss (mean NLL per trained token)"}.get(objective, "implicit-reward accuracy")
+    note = "" if objective in ("kto", "sft") else "  (a tie counts 1/2)"
     print(f"\ntrained {result.steps} steps in {result.seconds:.0f} s; model saved in {result.model_dir}")
     if result.eval_after and key in result.eval_after:
         before = f"{result.eval_before[key]:.3f} -> " if key in result.eval_before else ""
@@ -238,23 +272,27 @@ def _report(objective: str, result, demo: bool, model_cfg) -> None:
         print(f"\ntry: alignlib generate --model {result.model_dir} --prompt \"how do i paint a chair ?\"")
 
 
-def ppo_command(args: list[str]) -> int:
-    """`alignlib train ppo`: alignlib.rl.train_ppo over (PPOConfig, ModelConfig) flags."""
+def online_command(objective: str, args: list[str]) -> int:
+    """`alignlib train ppo|grpo|rloo`: alignlib.rl.train_online over (the objective's config, ModelConfig) flags."""
     from alignlib import demo as embedded
     from alignlib import rl
+    from alignlib.configs import ONLINE_CONFIGS
     from alignlib.models import ModelConfig
 
     demo = not _given(args) & {"--model", "--model_name_or_path"}
     # The embedded default: the demo's settings become the flags' defaults, so any flag given wins.
-    cfg, model_cfg = parse_config((rl.PPOConfig, ModelConfig), args, prog="alignlib train ppo",
-                                  demo_defaults=embedded.ppo_defaults() if demo else None)
-    stats = rl.train_ppo(cfg, model_cfg)
+    cfg, model_cfg = parse_config((ONLINE_CONFIGS[objective], ModelConfig), args, prog=f"alignlib train {objective}",
+                                  demo_defaults=embedded.online_defaults(objective) if demo else None)
+    stats = rl.train_online(cfg, model_cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one report
+        return 0
     where = (f"{stats['eval/num_prompts']} held-out prompts" if stats["eval/held_out"]
              else f"the first {stats['eval/num_prompts']} training prompts (no --eval_dataset given)")
-    kl = round(stats["eval/kl_after"], 2) + 0.0  # + 0.0: never print -0.00
-    print(f"\ntrained {cfg.max_steps} PPO steps; model saved in {Path(cfg.output_dir) / 'final'}")
-    print(f"mean reward on {where}: {stats['eval/reward_before']:.3f} -> {stats['eval/reward_after']:.3f}; "
-          f"the policy's KL to the reference there: {kl:.2f} nats")
+    kl = stats["eval/kl_after"]
+    kl_text = (f"; the policy's KL to the reference there: {round(kl, 2) + 0.0:.2f} nats"  # + 0.0: never -0.00
+               if kl is not None and math.isfinite(kl) else "")
+    print(f"\ntrained {cfg.max_steps} {objective.upper()} steps; model saved in {Path(cfg.output_dir) / 'final'}")
+    print(f"mean reward on {where}: {stats['eval/reward_before']:.3f} -> {stats['eval/reward_after']:.3f}{kl_text}")
     print(f"metrics: {Path(cfg.output_dir) / 'metrics.jsonl'}")
     return 0
 
@@ -265,29 +303,144 @@ def ppo_command(args: list[str]) -> int:
 
 
 class Generator:
-    """A trained model (a model, adapter or checkpoint folder) that completes prompts."""
+    """A trained model (a model, adapter or checkpoint folder) that completes prompts.
+
+    A prompt is put through the tokenizer's chat template when it has one (as the user's turn,
+    after an optional system message); `raw=True`, or a tokenizer without a template, sends it as
+    it is. Generation stops at the model's eos tokens (its generation config's and the
+    tokenizer's), and at `stop`: each one a single token of the vocabulary (Llama-3's
+    `<|eot_id|>`) is an extra eos id, any other text a stop string; the answer is cut before the
+    first stop text.
+    """
 
     def __init__(self, model_path: str) -> None:
         from alignlib.saved_models import load_for_generation
 
+        self.model_path = model_path
         self.model, self.tokenizer = load_for_generation(model_path)
         if self.tokenizer is None:
             raise ValueError(f"--model {model_path}: no tokenizer saved with it or with its base model")
 
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
     def __call__(self, prompt: str, *, max_new_tokens: int = 24, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0) -> str:
-        """The model's completion of prompt (greedy when temperature is 0)."""
+                 top_k: int = 0, seed: int = 0, system: str | None = None, stop: tuple[str, ...] = (),
+                 raw: bool = False, stream: bool = False) -> str:
+        """The model's completion of prompt (greedy when temperature is 0); with `stream`, its
+        text is also written to stdout as it is generated."""
         import torch
 
         torch.manual_seed(seed)
         tokenizer = self.tokenizer
-        inputs = tokenizer(prompt, return_tensors="pt").to(next(self.model.parameters()).device)
-        sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0
-                    else {"do_sample": False})
+        input_ids = self.prompt_ids(prompt, system=system, raw=raw).to(next(self.model.parameters()).device)
+        stop_ids, stop_strings = self.stops(stop)
+        sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+                    if temperature > 0 else {"do_sample": False})
+        extra = {"stopping_criteria": _stop_at_text(tokenizer, stop_strings, input_ids.shape[1])} if stop_strings else {}
+        if stream:
+            extra["streamer"] = _stop_aware_streamer(tokenizer, tuple(stop))
         with torch.no_grad():
-            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                         eos_token_id=tokenizer.eos_token_id, **sampling)
-        return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                         eos_token_id=self.eos_ids() + stop_ids, **sampling, **extra)
+        text = tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+        return _cut_at_stops(text, stop).strip()
+
+    def prompt_ids(self, prompt: str, *, system: str | None = None, raw: bool = False):
+        """(1, L) token ids of the prompt: chat-templated unless `raw` or the tokenizer has no
+        template, tokenized as the training data is (special tokens added, a doubled BOS dropped)."""
+        import torch
+
+        tokenizer = self.tokenizer
+        if system is not None and (raw or not self.has_chat_template):
+            why = "--raw sends the prompt as it is" if raw else f"the tokenizer of {self.model_path} has none"
+            raise ValueError(f"--system {system!r} needs the chat template, and {why}")
+        text = prompt
+        if not raw and self.has_chat_template:
+            messages = ([{"role": "system", "content": system}] if system is not None else [])
+            messages.append({"role": "user", "content": prompt})
+            try:
+                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # the template's own raise_exception, e.g. no system role
+                flag = "--system" if system is not None else "--prompt"
+                raise ValueError(f"{flag}: the chat template of {self.model_path} refused the messages: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        bos = tokenizer.bos_token_id
+        if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:  # the template began with BOS
+            ids = ids[1:]
+        return torch.tensor([ids])
+
+    def eos_ids(self) -> list[int]:
+        """The ids that end an answer: the generation config's eos (several for Llama-3) and the tokenizer's."""
+        configured = self.model.generation_config.eos_token_id
+        configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+        own = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        return list(dict.fromkeys(configured + own))
+
+    def stops(self, stop: tuple[str, ...] | list[str]) -> tuple[list[int], list[str]]:
+        """--stop values as (extra eos ids: values that are one token of the vocabulary, stop strings: the rest)."""
+        ids, strings = [], []
+        unknown = self.tokenizer.unk_token_id
+        for value in stop:
+            if not value:
+                raise ValueError("--stop '' is empty: give the text or the token to stop at")
+            token_id = self.tokenizer.convert_tokens_to_ids(value)
+            if isinstance(token_id, int) and token_id != unknown and self.tokenizer.convert_ids_to_tokens(token_id) == value:
+                ids.append(token_id)
+            else:
+                strings.append(value)
+        return ids, strings
+
+
+def _stop_at_text(tokenizer, stop_strings: list[str], prompt_length: int):
+    """A StoppingCriteriaList that ends generation once the answer's text holds a stop string (decoded
+    text, so it works for any tokenizer; transformers' own stop_strings needs a BPE-like vocabulary)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAtText(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tokenizer.batch_decode(input_ids[:, prompt_length:], skip_special_tokens=True)
+            return torch.tensor([any(value in text for value in stop_strings) for text in texts],
+                                device=input_ids.device)
+
+    return StoppingCriteriaList([StopAtText()])
+
+
+def _cut_at_stops(text: str, stop) -> str:
+    """text up to the first occurrence of any stop text."""
+    ends = [text.find(value) for value in stop if value and value in text]
+    return text[:min(ends)] if ends else text
+
+
+def _stop_aware_streamer(tokenizer, stop: tuple[str, ...]):
+    """transformers' TextStreamer (the answer only, special tokens skipped) that holds back text
+    that may be the start of a stop text, and writes nothing from a stop text on."""
+    from transformers import TextStreamer
+
+    class StopAwareStreamer(TextStreamer):
+        def __init__(self) -> None:
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.pending, self.stopped = "", False
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if not self.stopped:
+                self.pending += text
+                shown = _cut_at_stops(self.pending, stop)
+                self.stopped = shown != self.pending
+                if not self.stopped and not stream_end:  # hold back what may begin a stop text
+                    keep = max((n for value in stop for n in range(1, len(value))
+                                if self.pending.endswith(value[:n])), default=0)
+                    shown = self.pending[:len(self.pending) - keep]
+                self.pending = self.pending[len(shown):]
+                print(shown, end="", flush=True)
+            if stream_end:
+                print(flush=True)
+
+    return StopAwareStreamer()
 
 
 def complete(model_path: str, prompt: str, **options) -> str:
@@ -301,9 +454,15 @@ def generate_command(args: list[str]) -> int:
     parser.add_argument("--model", required=True,
                         help="A model, adapter or checkpoint directory (e.g. OUTPUT_DIR/final, OUTPUT_DIR/checkpoint-50).")
     parser.add_argument("--prompt", required=True, action="append", help="Prompt text (repeat for several).")
+    parser.add_argument("--system", default=None, help="System message put before each prompt by the chat template.")
+    parser.add_argument("--raw", action="store_true", help="Send the prompt as it is, without the chat template.")
+    parser.add_argument("--stop", action="append", default=[],
+                        help="Stop at this text, or at this token (e.g. <|eot_id|>); repeat for several.")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="At most this many new tokens (>= 1).")
     parser.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature >= 0; 0: greedy.")
     parser.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling, in (0, 1].")
+    parser.add_argument("--top_k", type=int, default=0, help="Sample from the k likeliest tokens (0: all).")
+    parser.add_argument("--stream", action="store_true", help="Print the answer token by token as it is generated.")
     parser.add_argument("--seed", type=int, default=0)
     options = parser.parse_args(args)
     if options.max_new_tokens < 1:
@@ -312,11 +471,78 @@ def generate_command(args: list[str]) -> int:
         raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {options.temperature}")
     if not 0 < options.top_p <= 1:  # NaN fails this too
         raise ValueError(f"--top_p must lie in (0, 1], got {options.top_p}")
+    if options.top_k < 0:
+        raise ValueError(f"--top_k must be >= 0 (0: no limit), got {options.top_k}")
+    for flag, value, default in (("--top_k", options.top_k, 0), ("--top_p", options.top_p, 1.0)):
+        if value != default and options.temperature == 0:
+            raise ValueError(f"{flag} {value} acts only when sampling: give --temperature > 0 (0 is greedy)")
     generator = Generator(options.model)
     for prompt in options.prompt:
-        text = generator(prompt, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
-                         top_p=options.top_p, seed=options.seed)
+        generator.prompt_ids(prompt, system=options.system, raw=options.raw)  # refuse a bad --system before any output
+        settings = dict(max_new_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,
+                        top_k=options.top_k, seed=options.seed, system=options.system, stop=tuple(options.stop),
+                        raw=options.raw)
+        if options.stream:
+            print(f"{prompt} " if len(options.prompt) == 1 else f"> {prompt}\n", end="", flush=True)
+            generator(prompt, stream=True, **settings)
+            if len(options.prompt) > 1:
+                print()
+            continue
+        text = generator(prompt, **settings)
         print(f"{prompt} {text}" if len(options.prompt) == 1 else f"> {prompt}\n{text}\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# alignlib merge
+# ----------------------------------------------------------------------------------------------
+
+
+def merge_command(args: list[str]) -> int:
+    """`alignlib merge --model ADAPTER_DIR --output DIR [--dtype D]`: alignlib.saved_models.merge_saved_adapter."""
+    from alignlib.models import DTYPES
+
+    parser = _one_line_errors(argparse.ArgumentParser(
+        prog="alignlib merge", allow_abbrev=False,
+        description="Merge a LoRA adapter into its base model and save the result as a full model."))
+    parser.add_argument("--model", required=True, help="A LoRA adapter directory (e.g. OUTPUT_DIR/final) or a "
+                        "checkpoint folder of a LoRA run.")
+    parser.add_argument("--output", required=True, help="A new folder for the merged model (with the tokenizer).")
+    parser.add_argument("--dtype", default="auto", choices=list(DTYPES),
+                        help="dtype of the merged weights; auto: a 4-bit base's compute dtype, else the base's.")
+    options = parser.parse_args(args)
+    from alignlib.saved_models import merge_saved_adapter
+
+    output = merge_saved_adapter(options.model, options.output, dtype=options.dtype)
+    print(f"merged {options.model} into its base: {output}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# alignlib recipes
+# ----------------------------------------------------------------------------------------------
+
+
+def recipes_command(args: list[str]) -> int:
+    """`alignlib recipes [--show NAME]`: the shipped recipes one line each, or one recipe's YAML."""
+    from alignlib.recipes import load_recipes
+
+    parser = _one_line_errors(argparse.ArgumentParser(
+        prog="alignlib recipes", allow_abbrev=False,
+        description="The recipes shipped with alignlib: one per stage of each tutorial (docs/recipes.md)."))
+    parser.add_argument("--show", metavar="NAME", help="Print the recipe's YAML, with its sources and differences.")
+    options = parser.parse_args(args)
+    recipes = load_recipes()
+    if options.show is not None:
+        if options.show not in recipes:
+            raise ValueError(f"--show {options.show}: no recipe of that name; recipes: {', '.join(recipes)}")
+        print(recipes[options.show].path.read_text(), end="")
+        return 0
+    print(f"{'recipe':<24} {'train':<7} stage tutorial")
+    for recipe in recipes.values():
+        print(recipe.line())
+    print("\nrun one: alignlib train OBJECTIVE --config NAME [--KEY VALUE ...]; its YAML: alignlib recipes --show NAME; "
+          "each stage writes to a folder of its name, which the next stage reads (docs/recipes.md)")
     return 0
 
 

@@ -1,7 +1,8 @@
 """What a run reports: metrics.jsonl, the window of steps between two log lines, progress.
 
 - `MetricsLogger`: metrics.jsonl, one JSON object per logging step (TRL's metric names),
-  trimmed on resume; `read_metrics` reads it back.
+  trimmed on resume; `read_metrics` reads it back. Each record also goes to the logger's
+  writers (`report_to`): `TensorBoardWriter`, `WandbWriter`, made by `report_writers`.
 - `MetricWindow`: the sums of the steps since the last log line, averaged (over every rank)
   when the line is written.
 - `Progress`: a tqdm bar over optimizer steps; `Throughput`: tokens per second.
@@ -21,7 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -30,7 +31,8 @@ from tqdm.auto import tqdm
 from alignlib.checkpoint import remove_stale_temporaries, write_text_atomic
 from alignlib.distributed import SINGLE_PROCESS, Processes, is_main_process, sum_across
 
-__all__ = ["MetricWindow", "MetricsLogger", "Progress", "Throughput", "read_metrics"]
+__all__ = ["MetricWindow", "MetricWriter", "MetricsLogger", "Progress", "TensorBoardWriter", "Throughput",
+           "WandbWriter", "read_metrics", "report_writers"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,12 +70,23 @@ class MetricsLogger:
     `resume_step`: None starts a fresh file (an existing one is replaced). An int keeps the
     records with step <= resume_step and drops the rest (the steps the resumed run will log
     again), plus any torn line. Only the main process writes.
+
+    `writers` (`report_writers`) get every record after it is written, and are closed with the
+    logger (also when it cannot start).
     """
 
     def __init__(self, output_dir: str | os.PathLike, *, resume_step: int | None = None,
-                 filename: str = "metrics.jsonl") -> None:
+                 filename: str = "metrics.jsonl", writers: Iterable[MetricWriter] = ()) -> None:
         self.path = Path(output_dir) / filename
         self._handle = None
+        self.writers = list(writers)
+        try:
+            self._start(resume_step)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, resume_step: int | None) -> None:
         if not is_main_process():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,12 +117,19 @@ class MetricsLogger:
                     handle.close()
                 raise OSError(exc.errno or errno.EIO, f"could not write the metrics of step {step} to {self.path}: "
                               f"{exc.strerror or exc}") from exc
+        for writer in self.writers:
+            writer.write(record)
         return record
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        """Close metrics.jsonl and every writer (each one, even when another fails); closing twice does nothing."""
+        writers, self.writers = self.writers, []
+        try:
+            if self._handle is not None:
+                handle, self._handle = self._handle, None
+                handle.close()
+        finally:
+            _close_all(writers)
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -151,6 +171,122 @@ class MetricsLogger:
         figure.savefig(png_path)
         plt.close(figure)
         return Path(png_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Where else the records go (report_to): TensorBoard, wandb
+# ----------------------------------------------------------------------------------------------
+
+
+class MetricWriter(Protocol):
+    """Somewhere a MetricsLogger's records also go: `write(record)` for each record logged, `close()` at the end."""
+
+    def write(self, record: Mapping[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """A record's numbers but its step (None, lists and text are left out), under metrics.jsonl's names."""
+    return {key: value for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def _close_all(writers: Iterable[MetricWriter]) -> None:
+    """Close each writer; the first error is raised once all have been tried."""
+    error = None
+    for writer in writers:
+        try:
+            writer.close()
+        except Exception as exc:  # noqa: BLE001 - the others are still closed
+            error = error or exc
+    if error is not None:
+        raise error
+
+
+class TensorBoardWriter:
+    """Each record's numbers as TensorBoard scalars at the record's step (torch's SummaryWriter),
+    under metrics.jsonl's names (transformers renames them train/loss, eval/loss), in `log_dir`.
+    `epoch` is written once per step. Flushed after each record, as metrics.jsonl is.
+
+    Each start of a run writes a new event file that begins with TensorBoard's purge marker:
+    at resume_step + 1 for a resumed run, so TensorBoard hides the steps the interrupted run
+    logged after its checkpoint (metrics.jsonl drops the same lines) and each step shows once;
+    at step 0 for a fresh start, so events an earlier start left in `log_dir` are hidden.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, *, resume_step: int | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = Path(log_dir)
+        self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=0 if resume_step is None else resume_step + 1)
+        self._epoch_step: int | None = None
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        step = record["step"]
+        for key, value in _scalars(record).items():
+            if key == "epoch":
+                if step == self._epoch_step:
+                    continue
+                self._epoch_step = step
+            self._writer.add_scalar(key, value, global_step=step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class WandbWriter:
+    """Each record's numbers logged to an offline Weights & Biases run at the record's step, under
+    metrics.jsonl's names: wandb.init(mode="offline", dir=output_dir) (files in output_dir/wandb/;
+    upload them later with `wandb sync`), project $WANDB_PROJECT or "alignlib", named `run_name`,
+    with `config` as its config.
+
+    Offline runs cannot be resumed: a resumed run is a new wandb run holding the steps after the
+    checkpoint, its config saying `resumed_from_step`; the interrupted run's folder keeps what it
+    logged, including any steps after its checkpoint.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, *, run_name: str | None = None,
+                 config: Mapping[str, Any] | None = None, resume_step: int | None = None) -> None:
+        import wandb
+
+        settings = dict(config or {})
+        if resume_step is not None:
+            settings["resumed_from_step"] = resume_step
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        self._run = wandb.init(mode="offline", dir=str(output_dir), project=os.environ.get("WANDB_PROJECT", "alignlib"),
+                               name=run_name, config=settings)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        self._run.log(_scalars(record), step=record["step"])
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+def report_writers(integrations: Iterable[str], output_dir: str | os.PathLike, *,
+                   logging_dir: str | os.PathLike | None = None, run_name: str | None = None,
+                   config: Mapping[str, Any] | None = None, resume_step: int | None = None) -> list[MetricWriter]:
+    """The writers of `integrations` ("tensorboard", "wandb": alignlib.configs.report_integrations)
+    for MetricsLogger(writers=...): TensorBoard's event files in `logging_dir` (default
+    output_dir/runs), an offline wandb run in output_dir/wandb. None but on the main process;
+    `resume_step` as MetricsLogger's."""
+    if not is_main_process():
+        return []
+    writers: list[MetricWriter] = []
+    try:
+        for name in integrations:
+            if name == "tensorboard":
+                writers.append(TensorBoardWriter(logging_dir or Path(output_dir) / "runs", resume_step=resume_step))
+            elif name == "wandb":
+                writers.append(WandbWriter(output_dir, run_name=run_name, config=config, resume_step=resume_step))
+            else:
+                raise ValueError(f"report_to: no writer for {name!r} (known: tensorboard, wandb)")
+    except BaseException:
+        _close_all(writers)
+        raise
+    return writers
 
 
 # ----------------------------------------------------------------------------------------------

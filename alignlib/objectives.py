@@ -17,6 +17,11 @@ pairs of the whole step, summed over micro-batches and ranks):
 
     kto     kto_loss(log pi(y), log pi_ref(y), desirable, kl=z0)                    summed log-probs
 
+SFT: a micro-batch holds B sequences (or B packed rows of them; alignlib.data.SequenceCollator);
+its loss is the NLL of the trained tokens, a mean over the whole step's trained tokens:
+
+    sft     -sum log pi(y_t) / N_tokens                                             token-weighted
+
 `micro_batch_terms` returns sums over the micro-batch's examples (`BatchTerms`), never means,
 so that the trainer can divide by the size of the whole optimizer step: micro-batches then add
 up to the step exactly, whatever their sizes.
@@ -40,6 +45,7 @@ from alignlib.losses import (
     reward_ranking_loss,
     simpo_loss,
 )
+from alignlib.models import decoder_of, lm_head_fusable, vocabulary_size
 from alignlib.training import finite_or_poisoned
 
 if TYPE_CHECKING:
@@ -50,6 +56,7 @@ __all__ = [
     "DEFAULT_LOSS_TYPES",
     "BatchTerms",
     "PolicyOutputs",
+    "check_packing_isolated",
     "kto_kl",
     "loss_type_for",
     "metric_means",
@@ -59,11 +66,14 @@ __all__ = [
     "pairwise_terms",
     "reference_logps",
     "response_logps",
+    "sft_terms",
     "uses_average_logps",
 ]
 
-DATA_KINDS = {"dpo": "pairs", "orpo": "pairs", "simpo": "pairs", "cpo": "pairs", "reward": "pairs", "kto": "unpaired"}
-"""What one example of each objective is: a preference pair, or one unpaired row (desirable or not)."""
+DATA_KINDS = {"dpo": "pairs", "orpo": "pairs", "simpo": "pairs", "cpo": "pairs", "reward": "pairs", "kto": "unpaired",
+              "sft": "sequences"}
+"""What one example of each objective is: a preference pair, one unpaired row (desirable or not),
+or one sequence (SFT; a packed row of several when packing)."""
 DEFAULT_LOSS_TYPES = {"dpo": "sigmoid", "cpo": "sigmoid", "kto": "kto"}
 """loss_type when none is given, for the objectives that have one (TRL's defaults)."""
 
@@ -91,8 +101,9 @@ def uses_average_logps(objective: str, cfg: TrainConfig) -> bool:
 
 
 def nll_weight(objective: str, cfg: TrainConfig) -> float:
-    """Weight of the chosen-response NLL in the step's loss: ORPO 1, CPO cpo_alpha, DPO rpo_alpha."""
-    if objective == "orpo":
+    """Weight of the NLL (of the chosen responses; SFT: of every trained token) in the step's loss:
+    SFT and ORPO 1, CPO cpo_alpha, DPO rpo_alpha."""
+    if objective in ("orpo", "sft"):
         return 1.0
     if objective == "cpo":
         return cfg.cpo_alpha
@@ -111,28 +122,25 @@ def response_logps(model: torch.nn.Module, batch: dict, *, use_kernels: bool) ->
 
     With use_kernels the lm_head and log-softmax run fused and chunked from the last hidden
     states (alignlib.logprobs.linear_token_logprobs), so the (2B, T, V) logits never exist.
+    A packed batch (with position_ids) runs without an attention mask, so that transformers
+    builds one that keeps its sequences apart (alignlib.data.packing).
     """
     labels = batch["labels"]
     counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
-    if use_kernels and _fusable(model):
-        hidden = _decoder(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    inputs = _model_inputs(batch)
+    if use_kernels and lm_head_fusable(model):
+        hidden = decoder_of(model)(**inputs).last_hidden_state
         weight = model.get_output_embeddings().weight
         return sequence_logprobs_from_hidden(hidden.to(weight.dtype), weight, labels), counts
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**inputs).logits
     return sequence_logprobs(logits, labels), counts
 
 
-def _decoder(model: torch.nn.Module) -> torch.nn.Module:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder()
-
-
-def _fusable(model: torch.nn.Module) -> bool:
-    """The fused path computes plain hidden @ W^T: no final softcapping, scale or bias on the lm_head."""
-    config = model.config
-    head = model.get_output_embeddings()
-    return (getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) is None
-            and head is not None and getattr(head, "bias", None) is None)
+def _model_inputs(batch: dict) -> dict:
+    """The forward's arguments: ids and the attention mask, or for packed rows ids and position ids."""
+    if batch.get("position_ids") is not None:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 class PolicyOutputs(torch.nn.Module):
@@ -147,10 +155,12 @@ class PolicyOutputs(torch.nn.Module):
         super().__init__()
         self.model, self.objective, self.use_kernels = model, objective, use_kernels
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None):
         if self.objective == "reward":
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                 "position_ids": position_ids}
         return response_logps(self.model, batch, use_kernels=self.use_kernels)
 
 
@@ -180,6 +190,8 @@ def micro_batch_terms(objective: str, cfg: TrainConfig, model: torch.nn.Module, 
     policy = policy if policy is not None else PolicyOutputs(model, objective, cfg.use_kernels)
     if objective == "kto":
         return kto_terms(cfg, policy, batch, reference, z0)
+    if objective == "sft":
+        return sft_terms(policy, batch)
     return pairwise_terms(objective, cfg, model, batch, reference, policy=policy)
 
 
@@ -288,12 +300,58 @@ def kto_terms(cfg: TrainConfig, policy: torch.nn.Module, batch: dict, reference:
     return BatchTerms(out.losses.sum() + poison, logps.new_zeros(()), 0, metrics, rows, 0)
 
 
+# ----------------------------------------------------------------------------------------------
+# SFT: the NLL of the trained tokens
+# ----------------------------------------------------------------------------------------------
+
+
+def sft_terms(policy: torch.nn.Module, batch: dict) -> BatchTerms:
+    """B sequences (or packed rows): the summed NLL of their trained tokens and its token count; the
+    trainer divides by the whole step's count. No per-example loss (loss_sum is 0)."""
+    logps, counts = policy(batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("position_ids"))
+    rows = batch["input_ids"].shape[0]  # a NaN log-prob makes the NLL NaN: the step's guard sees it
+    return BatchTerms(logps.new_zeros(()), -logps.sum(), int(counts.sum()), {}, rows, 0)
+
+
+def check_packing_isolated(model: torch.nn.Module, device: torch.device | None = None) -> None:
+    """Raise ValueError unless the model keeps packed sequences apart: the logits of a sequence packed
+    after another (position ids restarting, no attention mask) must equal those of it alone.
+
+    transformers' attention implementations that build their mask from the position ids (eager,
+    sdpa, flex, flash_attention_2) pass; one that ignores them lets each sequence read the one
+    before it, and packing would then train on text that crosses a sequence boundary.
+    """
+    vocab = vocabulary_size(model)
+    device = device or next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(0, vocab, (1, n), generator=generator).to(device) for n in (5, 4))
+    positions = torch.cat([torch.arange(5), torch.arange(4)])[None].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model(input_ids=torch.cat([first, second], 1), position_ids=positions, use_cache=False).logits
+            alone = model(input_ids=second, attention_mask=torch.ones_like(second), use_cache=False).logits
+    finally:
+        model.train(was_training)
+    packed, alone = packed[0, 5:].float(), alone[0].float()
+    scale = alone.abs().max().clamp(min=1e-6)
+    if not torch.allclose(packed, alone, atol=1e-2 * float(scale), rtol=0):
+        implementation = getattr(model.config, "_attn_implementation", None)
+        raise ValueError(
+            f"packing: this model's attention ({implementation!r}) lets a packed sequence attend to the one before "
+            f"it (logits differ by {float((packed - alone).abs().max()):.3g} from the sequence alone); use "
+            "attn_implementation sdpa, eager or flash_attention_2, or train without packing")
+
+
 def nll_tokens(objective: str, batch: dict) -> int:
     """The tokens the objective's NLL term covers in a micro-batch: the chosen responses' of a pair
-    batch (its first half); none for unpaired rows."""
+    batch (its first half); every trained token of SFT sequences; none for unpaired rows."""
+    labels = batch["labels"]
+    if DATA_KINDS[objective] == "sequences":
+        return int((labels[:, 1:] != IGNORE_INDEX).sum())
     if DATA_KINDS[objective] != "pairs":
         return 0
-    labels = batch["labels"]
     return int((labels[: labels.shape[0] // 2, 1:] != IGNORE_INDEX).sum())
 
 

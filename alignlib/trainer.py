@@ -1,11 +1,12 @@
-r"""The offline trainer: DPO (every `dpo_loss` type), ORPO, SimPO, CPO, KTO and reward models.
+r"""The offline trainer: SFT, DPO (every `dpo_loss` type), ORPO, SimPO, CPO, KTO and reward models.
 
 One optimizer step, for any objective (`train_step`):
 
-    examples = the step's N examples, pairs or unpaired rows (Schedule; this rank's share under torchrun)
+    examples = the step's N examples: pairs, unpaired rows or SFT sequences (Schedule; this rank's
+               share under torchrun)
     KTO only: z0 = KL(policy || reference) on the step's mismatched prompt/completion pairs (`_kto_z0`)
     for each micro-batch of per_device_train_batch_size examples (a pair's two sides in one forward):
-        terms = micro_batch_terms(...)   per-example losses (alignlib.losses), summed; NLL of chosen tokens
+        terms = micro_batch_terms(...)   per-example losses (alignlib.losses), summed; the NLL's tokens
         backward( terms.loss_sum / N  +  alpha * terms.nll_sum / N_nll_tokens )
     clip the gradient norm
     if the loss and the norm are finite: optimizer step      (else on_nonfinite: stop, or skip the update)
@@ -16,7 +17,8 @@ accumulation is exact: k micro-batches of b examples give the gradient of one ba
 also when the last micro-batch is smaller (dividing each micro-batch by its own size, as peers
 do, weights the examples of a short micro-batch more; estimating z0 per micro-batch, as TRL
 does, makes the loss depend on the split). alpha is the objective's NLL weight (`nll_weight`:
-ORPO 1, CPO cpo_alpha, DPO rpo_alpha, else 0).
+ORPO 1, CPO cpo_alpha, DPO rpo_alpha, else 0). SFT has no per-example loss and alpha 1: its loss
+is the NLL of the step's trained tokens over their count, TRL's token-weighted mean.
 
 The run (`setup`) is built once: tokenizer, data, model (LoRA/QLoRA), the reference, DDP or
 FSDP wrapping, optimizer and scheduler, resume, the metrics logger. The loop (`train`) runs
@@ -34,7 +36,6 @@ in each checkpoint, a resumed run repeats the uninterrupted one exactly.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import json
@@ -48,25 +49,23 @@ from typing import Any
 import torch
 
 from alignlib.checkpoint import read_trainer_state, write_text_atomic
-from alignlib.configs import OFFLINE_OBJECTIVES, TrainConfig
+from alignlib.configs import OFFLINE_OBJECTIVES, TrainConfig, report_integrations
 from alignlib.data import (
+    PACKED_COLUMNS,
+    SEQUENCE_COLUMNS,
     TOKENIZED_COLUMNS,
     UNPAIRED_COLUMNS,
     PreferenceCollator,
+    SequenceCollator,
     UnpairedCollator,
     check_token_ids,
-    load_preference_dataset,
-    load_unpaired_dataset,
     pad_token_id_for,
-    tokenize_preference_dataset,
-    tokenize_unpaired_dataset,
 )
 from alignlib.distributed import (
     SINGLE_PROCESS,
     Processes,
     decoder_blocks,
     gathered_full_model,
-    main_process_first,
     no_sync,
     run_on_main,
     sum_across,
@@ -76,26 +75,30 @@ from alignlib.distributed import (
 )
 from alignlib.distributed import setup as setup_processes
 from alignlib.logprobs import sequence_logprobs
-from alignlib.metrics import MetricsLogger, MetricWindow, Progress, read_metrics
+from alignlib.metrics import MetricsLogger, MetricWindow, Progress, read_metrics, report_writers
 from alignlib.models import (
     ModelConfig,
     ReferenceForward,
+    auto_reference_strategy,
     is_quantized,
     load_causal_lm,
+    load_model_tokenizer,
     load_reward_model,
-    load_tokenizer,
     make_reference,
+    vocabulary_size,
 )
 from alignlib.objectives import (
     DATA_KINDS,
     BatchTerms,
     PolicyOutputs,
+    check_packing_isolated,
     kto_kl,
     metric_means,
     micro_batch_terms,
     nll_tokens,
     nll_weight,
 )
+from alignlib.run_data import load_run_datasets
 from alignlib.run_folder import (
     OutputDirLock,
     check_output_dir,
@@ -109,6 +112,7 @@ from alignlib.run_folder import (
 from alignlib.saved_models import save_model
 from alignlib.training import (
     Interrupted,
+    MixedPrecision,
     NonFiniteGuard,
     Schedule,
     check_devices,
@@ -149,7 +153,7 @@ class Run:
     tokenizer: Any
     train_set: Any  # tokenized pairs (alignlib.data.tokenize_preference_dataset)
     eval_set: Any | None
-    collator: PreferenceCollator | UnpairedCollator
+    collator: PreferenceCollator | UnpairedCollator | SequenceCollator
     model: torch.nn.Module  # the model being trained (a peft model with LoRA)
     policy: torch.nn.Module  # its PolicyOutputs, wrapped in DDP under torchrun
     sync_target: torch.nn.Module  # what holds back the gradient all-reduce (the DDP wrapper, or the FSDP model)
@@ -161,6 +165,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     guard: NonFiniteGuard
+    precision: MixedPrecision  # bf16/fp16 autocast, fp16's gradient scaler
     logger: MetricsLogger
     start_step: int
     device: torch.device
@@ -185,9 +190,7 @@ class Run:
         return step / self.schedule.steps_per_epoch
 
     def autocast(self):
-        if self.cfg.bf16 and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return self.precision.autocast()
 
     def collate(self, split: str, indices: list[int]) -> dict:
         """The micro-batch of examples `indices` of the train or eval set, on the device."""
@@ -210,7 +213,7 @@ def train(objective: str, cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResu
         raise ValueError("no model: give model_name_or_path (--model PATH)")
     if not cfg.dataset_name:
         raise ValueError("no dataset: give dataset_name (--dataset PATH)")
-    check_devices(bf16=cfg.bf16, fsdp=cfg.fsdp)
+    check_devices(bf16=cfg.bf16, fp16=cfg.fp16, fsdp=cfg.fsdp)
     processes = setup_processes()
     lock = OutputDirLock(cfg.output_dir)
     run = None
@@ -228,6 +231,8 @@ def train(objective: str, cfg: TrainConfig, model_cfg: ModelConfig) -> TrainResu
     except KeyboardInterrupt:
         raise Interrupted(run.step if run is not None else None, cfg.output_dir) from None
     finally:
+        if run is not None:  # a run that failed: metrics.jsonl and the report_to writers closed (done at a normal end)
+            run.logger.close()
         lock.release()
         # DDP's wrapper sits in reference cycles (its hooks): collect it while the process group
         # still exists, not at interpreter exit after destroy_process_group (gloo then aborts).
@@ -239,6 +244,8 @@ def train_loop(run: Run) -> TrainResult:
     """Steps from run.start_step to run.total_steps; a metrics line, an evaluation and a checkpoint
     whenever they are due; then the last evaluation and the saved model."""
     cfg = run.cfg
+    log_every, save_every = cfg.interval("logging_steps", run.total_steps), cfg.interval("save_steps", run.total_steps)
+    eval_every = cfg.eval_interval(run.total_steps, run.schedule.steps_per_epoch)  # 0: before and after only
     eval_before = evaluate_and_log(run, step=0) if run.eval_set is not None and run.start_step == 0 else {}
     window = MetricWindow()  # the steps since the last metrics line
     run.model.train()
@@ -254,14 +261,14 @@ def train_loop(run: Run) -> TrainResult:
                            local_pairs=result.local_examples, grad_norm=result.grad_norm)
             shown = {"acc": window.local_mean(run.accuracy_key)} if run.accuracy_key else {}
             bar.update(loss=result.loss, **shown)
-            if done % cfg.logging_steps == 0 or last:
+            if done % log_every == 0 or last or (cfg.logging_first_step and done == 1):
                 record = window.summary(run.processes, means=lambda sums, n: metric_means(run.objective, sums, n),
                                         learning_rate=run.scheduler.get_last_lr()[0])
                 if record is not None:
                     run.logger.log(record, step=done, epoch=run.epoch(done))
-            if run.eval_set is not None and cfg.eval_steps and done % cfg.eval_steps == 0 and not last:
+            if run.eval_set is not None and eval_every and done % eval_every == 0 and not last:
                 evaluate_and_log(run, step=done)
-            if cfg.save_steps and done % cfg.save_steps == 0 and not last:
+            if save_every and done % save_every == 0 and not last:
                 save_run_checkpoint(run, step=done)
     eval_after = evaluate_and_log(run, step=run.total_steps) if run.eval_set is not None else {}
     model_dir = save_final_model(run)
@@ -306,17 +313,20 @@ def train_step(run: Run, step: int) -> StepResult:
                 loss = terms.loss_sum / n_examples
                 if run.nll_alpha:
                     loss = loss + run.nll_alpha * terms.nll_sum / max(n_nll_tokens, 1)
-            (loss * weight).backward()
+            run.precision.backward(loss * weight)
         if indices:
             loss_value += loss.item()
-            _add_metrics(metric_sums, terms, n_examples, n_nll_tokens, run.nll_alpha)
+            _add_metrics(metric_sums, terms, n_examples, n_nll_tokens, run.nll_alpha if run.objective != "sft" else 0)
             tokens += int(batch["attention_mask"].sum())
     loss_value = sum_tensor(torch.tensor([loss_value], dtype=torch.float64, device=run.device), processes).item()
 
+    run.precision.unscale(run.optimizer)
     grad_norm = clip_grad_norm(run.trainable, cfg.max_grad_norm)
-    updated = run.guard.allows(step + 1, loss_value, grad_norm)
-    if updated:
-        run.optimizer.step()
+    overflowed = run.precision.overflowed(loss_value, grad_norm)  # fp16: the scaler skips the step, halves its scale
+    updated = not overflowed and run.guard.allows(step + 1, loss_value, grad_norm)
+    run.precision.step(run.optimizer, update=updated)
+    if overflowed:
+        run.logger.log({"fp16_skipped_step": step + 1, "loss_scale": run.precision.scale}, step=step + 1)
     step_scheduler(run.scheduler)
     run.optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_value, grad_norm, updated, metric_sums, n_examples, sum(map(len, mine)), tokens)
@@ -349,7 +359,8 @@ def _kto_z0(run: Run, split: str, indices: list[int]) -> float:
 
 def _add_metrics(sums: dict[str, float], terms: BatchTerms, n_examples: int, n_nll_tokens: int,
                  nll_alpha: float) -> None:
-    """Add a micro-batch's metric sums (the NLL as its share of the step's mean, times the step's examples)."""
+    """Add a micro-batch's metric sums (the NLL as its share of the step's mean, times the step's examples;
+    not for SFT, whose loss is that NLL)."""
     for key, value in terms.metric_sums.items():
         sums[key] = sums.get(key, 0.0) + value
     if nll_alpha:
@@ -367,19 +378,24 @@ def setup(objective: str, cfg: TrainConfig, model_cfg: ModelConfig, processes: P
     last (once all of that has been validated) the output folder and its logger."""
     started = time.perf_counter()
     set_seed(cfg.seed)
-    tokenizer = load_tokenizer(model_cfg.model_name_or_path, revision=model_cfg.model_revision, what="model")
-    train_set, eval_set = _load_datasets(objective, cfg, tokenizer, processes)
+    tokenizer = load_model_tokenizer(model_cfg)  # with model_cfg.chat_template put on it
+    train_set, eval_set = load_run_datasets(DATA_KINDS[objective], cfg, tokenizer, processes)
+    if cfg.eval_strategy == "no":  # the eval rows are read and checked, never evaluated
+        eval_set = None
     model = _load_model(objective, model_cfg, tokenizer, gradient_checkpointing=cfg.gradient_checkpointing)
     for dataset, what in ((train_set, "train dataset"), (eval_set, "eval dataset")):
         if dataset is not None:
-            check_token_ids(dataset, model.get_input_embeddings().num_embeddings, what=what)
+            check_token_ids(dataset, vocabulary_size(model), what=what)
     device = _place(model, processes)
+    if cfg.packing:
+        check_packing_isolated(model, device)
     collator = _collator(objective, cfg, tokenizer)
     unfuse_lora = _maybe_fuse_lora(model, cfg)
 
     reference, ref_logps = None, {"train": None, "eval": None}
     if objective in ("dpo", "kto"):
-        reference = make_reference(_reference_strategy(cfg, model_cfg), model, model_cfg)
+        reference = make_reference(_reference_strategy(cfg, model_cfg), model, model_cfg,
+                                   ref_model_name_or_path=cfg.ref_model, ref_adapter_name=cfg.ref_adapter_name)
         if reference.precompute_only:
             ref_logps["train"] = _precompute_reference(reference, train_set, collator, cfg, device, processes)
             if eval_set is not None:
@@ -404,9 +420,13 @@ def setup(objective: str, cfg: TrainConfig, model_cfg: ModelConfig, processes: P
                                warmup_ratio=None if cfg.warmup_steps else cfg.warmup_ratio)
     fsdp_vessel = (lambda: _fresh_model(objective, model_cfg, tokenizer)) if cfg.fsdp else None
 
-    columns = TOKENIZED_COLUMNS if DATA_KINDS[objective] == "pairs" else UNPAIRED_COLUMNS
+    columns = {"pairs": TOKENIZED_COLUMNS, "unpaired": UNPAIRED_COLUMNS,
+               "sequences": PACKED_COLUMNS if cfg.packing else SEQUENCE_COLUMNS}[DATA_KINDS[objective]]
     record = run_record(objective, cfg, model_cfg, data=dataset_fingerprint(train_set, columns),
                         world_size=processes.world_size)
+    precision = MixedPrecision(device, bf16=cfg.bf16, fp16=cfg.fp16)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    precision.check_trainable(trainable)
     start_step = 0
     if checkpoint is None and resume_requested(cfg.resume_from_checkpoint) and not cfg.overwrite_output_dir:
         run_on_main(lambda: check_restart(cfg.output_dir, record), processes)
@@ -414,7 +434,7 @@ def setup(objective: str, cfg: TrainConfig, model_cfg: ModelConfig, processes: P
         check_same_run(read_trainer_state(checkpoint)["metadata"].get("run"), record, checkpoint,
                        verbose=processes.is_main)
         state = resume_training(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler,
-                                processes=processes, fsdp_vessel=fsdp_vessel)
+                                processes=processes, fsdp_vessel=fsdp_vessel, grad_scaler=precision.scaler)
         start_step = state["step"]
         if processes.is_main:
             print(f"resumed from {checkpoint} at step {start_step}", flush=True)
@@ -425,9 +445,9 @@ def setup(objective: str, cfg: TrainConfig, model_cfg: ModelConfig, processes: P
         objective=objective, cfg=cfg, processes=processes, tokenizer=tokenizer, train_set=train_set,
         eval_set=eval_set, collator=collator, model=model, policy=policy, sync_target=sync_target,
         reference=reference, ref_logps=ref_logps, schedule=schedule, total_steps=total_steps,
-        trainable=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer, scheduler=scheduler,
+        trainable=trainable, optimizer=optimizer, scheduler=scheduler,
         guard=NonFiniteGuard(cfg.on_nonfinite, lambda record, step: logger.log(record, step=step),
-                             verbose=processes.is_main),
+                             verbose=processes.is_main), precision=precision,
         logger=logger, start_step=start_step, device=device, fsdp_vessel=fsdp_vessel, unfuse_lora=unfuse_lora,
         started=started, record=record, step=start_step,
     )
@@ -436,70 +456,38 @@ def setup(objective: str, cfg: TrainConfig, model_cfg: ModelConfig, processes: P
 def _claim_output_dir(objective: str, cfg: TrainConfig, model_cfg: ModelConfig, processes: Processes,
                       resume_step: int | None, lock: OutputDirLock | None, record: dict) -> MetricsLogger:
     """The first writes of the run, once everything is validated: the folder locked, another run's
-    files moved aside (overwrite_output_dir), metrics.jsonl started (or trimmed to the resumed
-    step), config.json."""
+    files moved aside (overwrite_output_dir), the report_to writers (TensorBoard, wandb) started,
+    metrics.jsonl started (or trimmed to the resumed step), config.json."""
     if lock is not None:
         run_on_main(lock.acquire, processes)
     if resume_step is None and processes.is_main:
         moved = claim_output_dir(cfg.output_dir, overwrite=cfg.overwrite_output_dir)
         if moved is not None:
             print(f"overwrite_output_dir: the previous run's files in {cfg.output_dir} were moved to {moved}", flush=True)
-    logger = MetricsLogger(cfg.output_dir, resume_step=resume_step)
+    settings = {"objective": objective, "train": dataclasses.asdict(cfg), "model": portable_settings(model_cfg),
+                "world_size": processes.world_size, "run": record}
+    integrations = report_integrations(cfg.report_to)
+    if not integrations and "all" in cfg.report_to and processes.is_main:
+        print("report_to all: neither tensorboard nor wandb is installed; metrics go to metrics.jsonl only", flush=True)
+    writers = report_writers(integrations, cfg.output_dir, logging_dir=cfg.logging_dir, run_name=cfg.run_name,
+                             config=settings, resume_step=resume_step)
+    logger = MetricsLogger(cfg.output_dir, resume_step=resume_step, writers=writers)
     if processes.is_main:
-        write_text_atomic(Path(cfg.output_dir) / "config.json", json.dumps(
-            {"objective": objective, "train": dataclasses.asdict(cfg), "model": portable_settings(model_cfg),
-             "world_size": processes.world_size, "run": record}, indent=2, default=str))
+        try:
+            write_text_atomic(Path(cfg.output_dir) / "config.json", json.dumps(settings, indent=2, default=str))
+        except BaseException:
+            logger.close()
+            raise
     return logger
-
-
-def _load_datasets(objective: str, cfg: TrainConfig, tokenizer, processes: Processes):
-    """The tokenized train set and eval set (None without eval_dataset_name): pairs, or unpaired rows."""
-    load = load_pairs if DATA_KINDS[objective] == "pairs" else load_unpaired
-    with main_process_first(processes):  # rank 0 fills the datasets cache, the others read it
-        train_set, _ = load(cfg.dataset_name, cfg.dataset_train_split, cfg, tokenizer, "train",
-                            verbose=processes.is_main)
-        eval_set = None
-        if cfg.eval_dataset_name:
-            eval_set, _ = load(cfg.eval_dataset_name, cfg.dataset_test_split, cfg, tokenizer, "eval",
-                               verbose=processes.is_main)
-    return train_set, eval_set
-
-
-def load_unpaired(source: str, split: str, cfg: TrainConfig, tokenizer, what: str, *, verbose: bool = True):
-    """Read, normalise and tokenize unpaired rows (KTO; pairs are split into two rows each)."""
-    raw = load_unpaired_dataset(source, split=split, format=cfg.dataset_format, tokenizer=tokenizer)
-    tokenized, stats = tokenize_unpaired_dataset(raw, tokenizer, max_length=cfg.max_length,
-                                                 max_prompt_length=cfg.max_prompt_length)
-    if verbose and (stats.dropped_empty_response or stats.prompts_truncated or stats.responses_truncated):
-        print(f"[{what}] {stats.rows_in} rows: {stats.dropped_empty_response} dropped (no completion token left "
-              f"after truncation), {stats.prompts_truncated} prompts cut to max_prompt_length, "
-              f"{stats.responses_truncated} completions cut to max_length", flush=True)
-    if verbose and stats.desirable in (0, stats.rows_kept):
-        print(f"[{what}] every row is {'un' if stats.desirable == 0 else ''}desirable: KTO learns from both kinds",
-              flush=True)
-    return tokenized, stats
 
 
 def _collator(objective: str, cfg: TrainConfig, tokenizer):
     pad = pad_token_id_for(tokenizer)
+    if DATA_KINDS[objective] == "sequences":
+        return SequenceCollator(pad)
     if DATA_KINDS[objective] == "unpaired":
         return UnpairedCollator(pad, max_length=cfg.max_length)
     return PreferenceCollator(pad, for_reward_model=objective == "reward")
-
-
-def load_pairs(source: str, split: str, cfg: TrainConfig, tokenizer, what: str, *, verbose: bool = True):
-    """Read, normalise and tokenize preference pairs; print what truncation and filtering did."""
-    raw = load_preference_dataset(source, split=split, format=cfg.dataset_format, tokenizer=tokenizer)
-    tokenized, stats = tokenize_preference_dataset(raw, tokenizer, max_length=cfg.max_length,
-                                                   max_prompt_length=cfg.max_prompt_length)
-    if not verbose:
-        return tokenized, stats
-    if stats.dropped_empty_response or stats.identical_pairs or stats.prompts_truncated or stats.responses_truncated:
-        print(f"[{what}] {stats.pairs_in} pairs: {stats.dropped_empty_response} dropped (no response token left "
-              f"after truncation), {stats.identical_pairs} with chosen identical to rejected (kept), "
-              f"{stats.prompts_truncated} prompts cut to max_prompt_length, {stats.responses_truncated} "
-              f"responses cut to max_length", flush=True)
-    return tokenized, stats
 
 
 def collate(dataset, indices: list[int], collator: PreferenceCollator | UnpairedCollator, device: torch.device,
@@ -540,7 +528,7 @@ def _fresh_model(objective: str, model_cfg: ModelConfig, tokenizer) -> torch.nn.
 def _reference_strategy(cfg: TrainConfig, model_cfg: ModelConfig) -> str:
     if cfg.reference_strategy != "auto":
         return cfg.reference_strategy
-    return "adapter_disabled" if model_cfg.use_peft else "model"
+    return auto_reference_strategy(model_cfg, ref_model=cfg.ref_model, ref_adapter_name=cfg.ref_adapter_name)
 
 
 def _maybe_fuse_lora(model: torch.nn.Module, cfg: TrainConfig) -> Callable[[], None] | None:
@@ -579,14 +567,15 @@ def _precompute_reference(reference, dataset, collator, cfg: TrainConfig, device
 
 def evaluate(run: Run) -> dict[str, float]:
     """The held-out metrics (means over examples; KTO's z0 over the whole eval set) of the model as
-    it is now; under torchrun each rank evaluates its share and the sums are added up. Leaves the
-    model in eval mode."""
+    it is now, and `loss` as training computes it over a step (the per-example losses' mean, plus
+    alpha times the NLL's token mean: SFT's loss, ORPO's and CPO's with their NLL); under torchrun
+    each rank evaluates its share and the sums are added up. Leaves the model in eval mode."""
     # DDP's forward would also sync buffers; evaluation needs none of it. FSDP's runs the shards.
     evaluated = run.policy.module if hasattr(run.policy, "module") else run.policy
     run.model.eval()
     sums: dict[str, float] = {}
     with torch.no_grad():
-        z0 = _kto_z0(run, "eval", list(range(len(run.eval_set)))) if run.objective == "kto" else None
+        z0 = _kto_z0(run, "eval", _shuffled(len(run.eval_set), run.cfg.seed)) if run.objective == "kto" else None
         for indices in rank_batches(list(range(len(run.eval_set))), run.cfg.per_device_eval_batch_size,
                                     run.processes):
             batch = run.collate("eval", indices or [0])
@@ -598,12 +587,26 @@ def evaluate(run: Run) -> dict[str, float]:
             sums["loss"] = sums.get("loss", 0.0) + terms.loss_sum.item()
             sums["ties"] = sums.get("ties", 0.0) + terms.ties
             sums["examples"] = sums.get("examples", 0.0) + terms.examples
+            sums["nll_sum"] = sums.get("nll_sum", 0.0) + terms.nll_sum.item()
+            sums["nll_tokens"] = sums.get("nll_tokens", 0.0) + terms.nll_tokens
     sums = sum_across(sums, run.processes)
     examples, ties = sums.pop("examples"), sums.pop("ties")
+    nll = sums.pop("nll_sum") / max(sums.pop("nll_tokens"), 1)
     metrics = metric_means(run.objective, sums, examples)
+    if run.nll_alpha:
+        metrics["loss"] += run.nll_alpha * nll
+        if run.objective != "sft":
+            metrics["nll_loss"] = nll
     if run.accuracy_key is not None:  # pairs: a tie (policy == reference before training) is a coin flip
         metrics["accuracy_ties_half"] = metrics[run.accuracy_key] + 0.5 * ties / examples
     return metrics
+
+
+def _shuffled(n: int, seed: int) -> list[int]:
+    """0..n-1 in a seeded order. KTO's eval z0 pairs each row with the one before it in this order: in
+    file order, a pair's rejected row would follow its own chosen row and get that row's completion,
+    a matched pair instead of a mismatched one."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def evaluate_and_log(run: Run, step: int) -> dict[str, float]:
@@ -620,7 +623,7 @@ def save_run_checkpoint(run: Run, step: int) -> None:
         run.cfg.output_dir, step, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
         processes=run.processes, epoch=run.epoch(step), data_state={"step": step, "seed": run.cfg.seed},
         metadata={"objective": run.objective, "run": run.record}, save_total_limit=run.cfg.save_total_limit,
-        fsdp_vessel=run.fsdp_vessel)
+        fsdp_vessel=run.fsdp_vessel, grad_scaler=run.precision.scaler)
 
 
 def save_final_model(run: Run) -> Path:
@@ -641,6 +644,6 @@ def save_final_model(run: Run) -> Path:
 def _plot_keys(objective: str, metrics_path: Path) -> list[str] | None:
     seen = {key for record in read_metrics(metrics_path) for key in record}
     wanted = ["loss", "accuracy", "margin"] if objective == "reward" else ["loss", "rewards/accuracies", "rewards/margins"]
-    wanted += ["eval_accuracy_ties_half"]
+    wanted += ["eval_loss"] if objective == "sft" else ["eval_accuracy_ties_half"]
     keys = [key for key in wanted if key in seen]
     return keys or None

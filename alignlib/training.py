@@ -18,6 +18,7 @@ metrics.jsonl and progress are alignlib.metrics'.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -55,6 +56,7 @@ __all__ = [
     "NonFiniteGuard",
     "Schedule",
     "SeededSampler",
+    "MixedPrecision",
     "check_devices",
     "checkpoint_to_resume",
     "clip_grad_norm",
@@ -353,9 +355,18 @@ def clip_grad_norm(params: list[torch.Tensor], max_grad_norm: float | None) -> f
 # ----------------------------------------------------------------------------------------------
 
 
-def check_devices(*, bf16: bool = False, fsdp: bool = False) -> None:
-    """Refuse settings this machine cannot honour, before anything is loaded: bf16 without a GPU
-    that has it, FSDP without torchrun's processes."""
+def check_devices(*, bf16: bool = False, fsdp: bool = False, fp16: bool = False) -> None:
+    """Refuse settings this machine cannot honour, before anything is loaded: bf16 and fp16 together,
+    bf16 without a GPU that has it, fp16 without a GPU, FSDP without torchrun's processes."""
+    if bf16 and fp16:
+        raise ValueError("bf16 and fp16: choose one mixed precision (bf16 on Ampere GPUs and newer, fp16 on older "
+                         "ones such as the T4)")
+    if fp16:
+        if not torch.cuda.is_available():
+            raise ValueError("fp16: fp16 mixed precision runs on a CUDA GPU and this machine has none; drop --fp16")
+        if fsdp:
+            raise ValueError("fp16 with fsdp: fp16's gradient scaler is not wired to FSDP's sharded gradients; "
+                             "drop --fsdp (DDP) or use bf16")
     if bf16:
         if not torch.cuda.is_available():
             raise ValueError("bf16: bf16 mixed precision runs on a CUDA GPU and this machine has none; drop --bf16")
@@ -364,6 +375,62 @@ def check_devices(*, bf16: bool = False, fsdp: bool = False) -> None:
     if fsdp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         raise ValueError("fsdp: FSDP shards the model across torchrun's processes and this is one process; start "
                          "it with torchrun --nproc_per_node N, or drop --fsdp")
+
+
+class MixedPrecision:
+    """bf16 or fp16 autocast around the forward passes and, for fp16, the gradient scaler.
+
+    fp16 has a narrow range: the loss is multiplied by a scale before backward (so that small
+    gradients do not flush to zero) and the gradients divided by it again (`unscale`) before they
+    are clipped. When the scaled gradients overflow, the scaler skips the update and halves the
+    scale: an expected event of fp16 training, not a non-finite step (`step` reports it; the
+    trainer logs it as fp16_skipped_step), while a non-finite *loss* still goes to on_nonfinite.
+    Without bf16 or fp16 every method is a no-op and `step` is optimizer.step().
+    """
+
+    def __init__(self, device: torch.device, *, bf16: bool = False, fp16: bool = False) -> None:
+        self.device_type = device.type
+        self.dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else None
+        self.scaler = torch.amp.GradScaler(device.type) if fp16 else None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """The gradients back to their true size (before clipping and the norm)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def overflowed(self, loss: float, grad_norm: float) -> bool:
+        """fp16: a finite loss whose gradients overflowed at the current scale (the scaler's skip)."""
+        return self.scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm)
+
+    def step(self, optimizer: torch.optim.Optimizer, *, update: bool) -> None:
+        """The optimizer step when `update`; with fp16, then the scaler's next scale (halved after an
+        overflow, which `unscale` recorded; grown after a run of good steps)."""
+        if update:
+            if self.scaler is not None:
+                self.scaler.step(optimizer)
+            else:
+                optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()
+
+    @property
+    def scale(self) -> float | None:
+        return None if self.scaler is None else float(self.scaler.get_scale())
+
+    def check_trainable(self, params: list[torch.Tensor]) -> None:
+        """fp16 trains float32 weights under float16 autocast; float16 weights cannot be unscaled."""
+        if self.scaler is not None and any(p.dtype == torch.float16 for p in params):
+            raise ValueError("fp16: the trainable weights are float16; fp16 mixed precision keeps them in float32 "
+                             "(load the model with --dtype float32, or train LoRA adapters, which peft keeps in "
+                             "float32)")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -428,6 +495,7 @@ def save_training_checkpoint(
     metadata: Mapping[str, Any] | None = None,
     save_total_limit: int | None = None,
     fsdp_vessel: Callable[[], torch.nn.Module] | None = None,
+    grad_scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     """`checkpoint.save_checkpoint` for a run on any number of ranks; every rank calls it.
 
@@ -443,7 +511,9 @@ def save_training_checkpoint(
     run_on_main(lambda: save_checkpoint(
         output_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
         data_state={**dict(data_state or {}), "world_size": processes.world_size}, metadata=metadata,
-        save_total_limit=save_total_limit, extra_state={"rank_rng_states": rng_states}), processes)
+        save_total_limit=save_total_limit,
+        extra_state={"rank_rng_states": rng_states,
+                     **({"grad_scaler": grad_scaler.state_dict()} if grad_scaler is not None else {})}), processes)
 
 
 def resume_training(
@@ -454,10 +524,11 @@ def resume_training(
     scheduler: Any,
     processes: Processes = SINGLE_PROCESS,
     fsdp_vessel: Callable[[], torch.nn.Module] | None = None,
+    grad_scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint of `save_training_checkpoint` on every rank; returns its trainer state
     (`checkpoint.load_checkpoint`'s). Refuses a checkpoint saved by another number of ranks
-    (the data order depends on it)."""
+    (the data order depends on it). fp16's `grad_scaler` continues from its saved scale."""
     if fsdp_vessel is not None:  # read the full state into an unsharded copy, then shard it onto this rank
         copy, held = fsdp_vessel(), FullStateHolder()
         state = load_checkpoint(checkpoint, copy, held, scheduler)
@@ -471,4 +542,7 @@ def resume_training(
     rank_states = (state.get("extra_state") or {}).get("rank_rng_states")
     if rank_states:  # each rank continues its own random stream (dropout)
         set_rng_state(rank_states[processes.rank])
+    scaler_state = (state.get("extra_state") or {}).get("grad_scaler")
+    if grad_scaler is not None and scaler_state is not None:
+        grad_scaler.load_state_dict(scaler_state)
     return state

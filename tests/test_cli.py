@@ -78,7 +78,8 @@ def tiny_run_flags(workdir: Path, output_dir: Path, **overrides) -> list[str]:
 
 
 def bad_input_cases(workdir: Path) -> dict[str, tuple[list[str], dict | None, int, tuple[str, ...]]]:
-    """name -> (arguments after `train dpo`, extra environment, exit status, fragments the error must hold)."""
+    """name -> (arguments after `train` (an objective first, or dpo), extra environment, exit status,
+    fragments the error must hold)."""
     bad = workdir / "bad"
     bad.mkdir(exist_ok=True)
     rows = demo.read_pairs()[:3]
@@ -93,6 +94,10 @@ def bad_input_cases(workdir: Path) -> dict[str, tuple[list[str], dict | None, in
     (bad / "unknown_key.yaml").write_text("learning_rate: 0.001\nbogus_key: 3\n")
     (bad / "broken.yaml").write_text("learning_rate: [0.001\nbeta: 0.1\n")
     (bad / "scalar.yaml").write_text("just some words\n")
+    (bad / "push_to_hub.yaml").write_text("push_to_hub: true\nhub_model_id: me/tiny-dpo\n")
+    write_pairs(bad / "no_assistant.jsonl", [
+        {"messages": [{"role": "user", "content": "how do i fix a boat ?"}, {"role": "assistant", "content": "slowly"}]},
+        {"messages": [{"role": "user", "content": "how do i fix a boat ?"}]}])
     (bad / "not_a_model").mkdir(exist_ok=True)
     (bad / "not_a_model" / "config.json").write_text('{"model_type": "llama"}')
     (bad / "not_a_model" / "notes.txt").write_text("not a model\n")
@@ -106,6 +111,10 @@ def bad_input_cases(workdir: Path) -> dict[str, tuple[list[str], dict | None, in
     shim.mkdir(parents=True, exist_ok=True)
     (shim / "__init__.py").write_text("raise ImportError('No module named bitsandbytes (test shim)')\n")
     without_bnb = {**os.environ, "PYTHONPATH": str(shim.parent)}
+    tensorboard_shim = bad / "no_tensorboard" / "tensorboard"
+    tensorboard_shim.mkdir(parents=True, exist_ok=True)
+    (tensorboard_shim / "__init__.py").write_text("raise ImportError('No module named tensorboard (test shim)')\n")
+    without_tensorboard = {**os.environ, "PYTHONPATH": str(tensorboard_shim.parent)}
     runnable = tiny_run_flags(workdir, bad / "out")
     return {
         "dataset file missing": (["--model", model, "--dataset", str(bad / "nope.jsonl")], None, 1,
@@ -151,6 +160,23 @@ def bad_input_cases(workdir: Path) -> dict[str, tuple[list[str], dict | None, in
                                                 None, 1, ("row 1", "differ before their answers")),
         "a loss option of another objective": ([*runnable, "--center_rewards_coefficient", "0.01"], None, 1,
                                                ("center_rewards_coefficient", "dpo")),
+        # Keys of TRL/transformers configs (issue 14, item 6)
+        "push_to_hub in --config": ([*runnable, "--config", str(bad / "push_to_hub.yaml")], None, 1,
+                                    ("push_to_hub", "needs a network", "hf upload me/tiny-dpo")),
+        "report_to tensorboard without tensorboard": ([*runnable, "--report_to", "tensorboard"], without_tensorboard,
+                                                      1, ("report_to tensorboard", "pip install tensorboard")),
+        "--eval_steps 2.5": ([*runnable, "--eval_steps", "2.5"], None, 1, ("eval_steps", "2.5", "fraction")),
+        # SFT, fp16 and the tutorials' data options (issue 14); a case may name its objective first
+        "--fp16 on a CPU": ([*runnable, "--fp16", "true"], None, 1, ("fp16", "CUDA GPU")),
+        "--bf16 with --fp16": ([*runnable, "--bf16", "true", "--fp16", "true"], None, 1, ("bf16 and fp16",)),
+        "--packing for dpo": ([*runnable, "--packing", "true"], None, 1, ("packing", "SFT options", "dpo")),
+        "sft with max_prompt_length": (["sft", *runnable], None, 1, ("sft does not cut prompts", "24")),
+        "--eval_split_size 1.5": ([*runnable, "--eval_split_size", "1.5"], None, 1, ("eval_split_size", "1.5")),
+        "--data_dir on a single file": ([*runnable, "--data_dir", "data/rl"], None, 1,
+                                        ("data_dir", "pairs.jsonl", "single data file")),
+        "sft conversation without an assistant turn": (
+            ["sft", "--model", model, "--dataset", str(bad / "no_assistant.jsonl"), "--chat_template", "chatml"], None, 1,
+            ("row 2", "no assistant message", "assistant_only_loss")),
     }
 
 
@@ -160,8 +186,16 @@ BAD_INPUT_NAMES = ("dataset file missing", "dataset empty", "row without a field
                    "unknown loss_type", "resume from nowhere", "--config not valid YAML", "--config holding a scalar",
                    "a folder that is not a model", "a model path that is a file", "--bf16 on a CPU",
                    "--fsdp without torchrun", "--max_grad_norm -1", "--save_steps -5", "a flag prefix",
-                   "conversations with other user turns", "a loss option of another objective")
+                   "conversations with other user turns", "a loss option of another objective",
+                   "push_to_hub in --config", "report_to tensorboard without tensorboard", "--eval_steps 2.5",
+                   "--fp16 on a CPU", "--bf16 with --fp16", "--packing for dpo", "sft with max_prompt_length",
+                   "--eval_split_size 1.5", "--data_dir on a single file", "sft conversation without an assistant turn")
 AT_ONCE = 8  # bad-input commands running together (each spends most of its time importing torch)
+
+
+def _with_objective(args: list[str]) -> list[str]:
+    """A case's arguments after `train`: its own objective when it names one first, else dpo."""
+    return args if args and not args[0].startswith("--") else ["dpo", *args]
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +207,7 @@ def bad_input_results(workdir) -> dict:
     cwd = workdir / "bad"
     names, results = list(cases), {}
     for first in range(0, len(names), AT_ONCE):
-        running = {name: subprocess.Popen(alignlib_command("train", "dpo", *cases[name][0]), cwd=cwd,
+        running = {name: subprocess.Popen(alignlib_command("train", *_with_objective(cases[name][0])), cwd=cwd,
                                           env=cases[name][1], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                    for name in names[first:first + AT_ONCE]}
         for name, process in running.items():
@@ -397,7 +431,7 @@ def test_help_shows_the_defaults_of_a_run_with_a_model_and_lists_the_demos_apart
     help_text = " ".join(result.stdout.split())
     assert "--max_steps MAX_STEPS, --max-steps MAX_STEPS Optimizer steps; > 0 overrides num_train_epochs. " \
            "(default: -1)" in help_text
-    assert "Most tokens in prompt + response. (default: 1024)" in help_text
+    assert "Most tokens in prompt + response (SFT: per sequence, and per packed row). (default: 1024)" in help_text
     assert "Without --model and --dataset (the embedded demo), these defaults change: --max_steps 150" in help_text
 
 

@@ -30,8 +30,9 @@ from alignlib.models import (
     make_reference,
 )
 from alignlib.objectives import nll_weight, pairwise_terms
+from alignlib.run_data import load_pairs
 from alignlib.saved_models import load_for_generation
-from alignlib.trainer import TrainConfig, collate, load_pairs, train
+from alignlib.trainer import TrainConfig, collate, train
 from alignlib.training import Schedule, set_seed
 
 TRL_TRAIN_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",

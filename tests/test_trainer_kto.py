@@ -21,7 +21,8 @@ from alignlib.losses import kto_loss
 from alignlib.metrics import read_metrics
 from alignlib.models import ModelConfig, load_causal_lm, make_reference
 from alignlib.objectives import kto_kl, micro_batch_terms
-from alignlib.trainer import TrainConfig, collate, load_unpaired, train
+from alignlib.run_data import load_unpaired
+from alignlib.trainer import TrainConfig, collate, train
 from alignlib.training import Schedule, set_seed
 
 pytestmark = pytest.mark.usefixtures("one_thread")

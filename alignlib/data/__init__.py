@@ -1,4 +1,4 @@
-r"""Preference data: load, normalise to prompt/chosen/rejected, tokenize, collate.
+r"""Training data: load, normalise (pairs to prompt/chosen/rejected), tokenize, collate.
 
 The package's modules, in the order data flows through them:
 
@@ -7,6 +7,9 @@ The package's modules, in the order data flows through them:
   for KTO, prompt, completion, label).
 - `tokenize`: -> token ids with the prompt masked, truncated; checked against a model.
 - `collate`: -> one right-padded batch, chosen and rejected stacked.
+- `sequences`: SFT rows (text, prompt-completion, conversations, or preference pairs' chosen
+  side) -> one text and the character spans the loss covers -> token ids and labels.
+- `packing`: several SFT sequences per row of max_length tokens, kept apart.
 
 In: a local JSON/JSONL/Parquet/CSV file, a `datasets` directory (`save_to_disk` of a
 Dataset or DatasetDict), a directory of data files or a Hub name (`datasets.load_dataset`),
@@ -34,8 +37,8 @@ attention_mask, labels (2B, T) (+ margin (B,)).
 Checked against a model (`check_token_ids`): every id below the model's vocabulary size.
 """
 
-from alignlib.data.collate import PreferenceCollator, UnpairedCollator
-from alignlib.data.files import DATA_FILE_BUILDERS, read_source
+from alignlib.data.collate import PreferenceCollator, SequenceCollator, UnpairedCollator
+from alignlib.data.files import DATA_FILE_BUILDERS, DataSource, read_source
 from alignlib.data.formats import (
     PREFERENCE_FORMATS,
     PROMPT_FORMATS,
@@ -43,6 +46,14 @@ from alignlib.data.formats import (
     load_preference_dataset,
     load_prompt_dataset,
     load_unpaired_dataset,
+)
+from alignlib.data.packing import PACKED_COLUMNS, best_fit_decreasing, pack_sequences
+from alignlib.data.sequences import (
+    SEQUENCE_COLUMNS,
+    SFT_FORMATS,
+    SequenceStats,
+    load_sft_dataset,
+    tokenize_sft_dataset,
 )
 from alignlib.data.tokenize import (
     TOKENIZED_COLUMNS,
@@ -57,21 +68,31 @@ from alignlib.data.tokenize import (
 
 __all__ = [
     "DATA_FILE_BUILDERS",
+    "DataSource",
+    "PACKED_COLUMNS",
+    "SEQUENCE_COLUMNS",
+    "SFT_FORMATS",
     "PREFERENCE_FORMATS",
     "PROMPT_FORMATS",
     "TOKENIZED_COLUMNS",
     "UNPAIRED_COLUMNS",
     "UNPAIRED_FORMATS",
     "PreferenceCollator",
+    "SequenceCollator",
+    "SequenceStats",
     "TokenizeStats",
     "UnpairedCollator",
     "UnpairedStats",
+    "best_fit_decreasing",
     "check_token_ids",
     "load_preference_dataset",
     "load_prompt_dataset",
+    "load_sft_dataset",
     "load_unpaired_dataset",
+    "pack_sequences",
     "pad_token_id_for",
     "read_source",
     "tokenize_preference_dataset",
+    "tokenize_sft_dataset",
     "tokenize_unpaired_dataset",
 ]

@@ -3,6 +3,8 @@
 - `PreferenceCollator`: pairs, chosen and rejected stacked.
 - `UnpairedCollator`: unpaired rows (KTO) and their mismatched prompt/completion rows, which
   estimate KTO's reference point.
+- `SequenceCollator`: SFT sequences, or packed rows of them (with position ids that restart at
+  every sequence).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from alignlib.logprobs import IGNORE_INDEX
 
-__all__ = ["PreferenceCollator", "UnpairedCollator", "pad_rows"]
+__all__ = ["PreferenceCollator", "SequenceCollator", "UnpairedCollator", "pad_rows"]
 
 
 def pad_rows(sequences: list[list[int]], label_rows: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -123,3 +125,28 @@ class UnpairedCollator:
             sequences.append(prompt + completion)
             label_rows.append([IGNORE_INDEX] * len(prompt) + completion)
         return pad_rows(sequences, label_rows, self.pad_token_id)
+
+
+@dataclass
+class SequenceCollator:
+    """SFT rows (from `tokenize_sft_dataset`, or packed by `pack_sequences`) as one right-padded batch:
+        input_ids, attention_mask, labels (B, T) (IGNORE_INDEX on untrained tokens and padding)
+    and, for packed rows (a `seq_lengths` column), position_ids (B, T) that restart at 0 at every
+    sequence and at the padding. A packed batch is run with position_ids and no attention mask
+    (`alignlib.objectives.response_logps`): attention_mask then only marks the real tokens.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not rows:
+            raise ValueError("SequenceCollator got an empty list of rows")
+        batch = pad_rows([row["input_ids"] for row in rows], [row["labels"] for row in rows], self.pad_token_id)
+        if "seq_lengths" in rows[0]:
+            width = batch["input_ids"].shape[1]
+            positions = torch.zeros_like(batch["input_ids"])
+            for i, row in enumerate(rows):
+                lengths = list(row["seq_lengths"]) + [width - sum(row["seq_lengths"])]  # the padding last
+                positions[i] = torch.cat([torch.arange(n) for n in lengths])
+            batch["position_ids"] = positions
+        return batch

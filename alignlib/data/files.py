@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +26,33 @@ import datasets
 import pyarrow as pa
 from datasets import Dataset, DatasetDict
 
-__all__ = ["DATA_FILE_BUILDERS", "blame_the_file", "file_problem", "read_source"]
+__all__ = ["DATA_FILE_BUILDERS", "DataSource", "blame_the_file", "file_problem", "read_source"]
 
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
-def read_source(source: str | os.PathLike | Dataset | DatasetDict, split: str) -> Dataset:
-    """The raw rows of `split` from a file, a directory, a Hub name or a Dataset(Dict)."""
+@dataclass(frozen=True)
+class DataSource:
+    """A dataset folder or Hub name with the sub-dataset to read: `config` (the dataset's named
+    configuration, `datasets.load_dataset(path, name=config)`) and/or `data_dir` (a sub-folder of its
+    data files, as `load_dataset(path, data_dir=...)`; e.g. stack-exchange-paired's data/finetune).
+    Neither applies to a single data file or a `save_to_disk` folder."""
+
+    path: str | os.PathLike
+    config: str | None = None
+    data_dir: str | None = None
+
+    def __str__(self) -> str:
+        parts = [f"config {self.config!r}" if self.config else "", f"data_dir {self.data_dir!r}" if self.data_dir else ""]
+        return f"{self.path} ({', '.join(part for part in parts if part)})"
+
+
+def read_source(source: str | os.PathLike | DataSource | Dataset | DatasetDict, split: str) -> Dataset:
+    """The raw rows of `split` from a file, a directory, a Hub name (a DataSource for one of their
+    configs or sub-folders) or a Dataset(Dict)."""
+    if isinstance(source, DataSource):
+        return _read_sub_dataset(source, split)
     if isinstance(source, Dataset):
         return source
     if isinstance(source, DatasetDict):
@@ -68,6 +88,32 @@ def read_source(source: str | os.PathLike | Dataset | DatasetDict, split: str) -
         ) from err
 
 
+def _read_sub_dataset(source: DataSource, split: str) -> Dataset:
+    if not source.config and not source.data_dir:
+        return read_source(source.path, split)
+    path = Path(source.path).expanduser()
+    given = "dataset_config" if source.config else "data_dir"
+    if path.is_file():
+        raise ValueError(f"{given}: {str(path)!r} is a single data file, which has no configs or sub-folders; "
+                         f"drop --{given} or give the dataset's folder")
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        raise ValueError(f"{given}: {str(path)!r} is a save_to_disk folder, which has no configs or sub-folders; "
+                         f"drop --{given}")
+    if source.data_dir and path.is_dir() and not (path / source.data_dir).is_dir():
+        subfolders = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_dir()
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        raise FileNotFoundError(f"data_dir: {str(path)!r} has no sub-folder {source.data_dir!r}; "
+                                f"its sub-folders: {subfolders[:20]}")
+    options = {"name": source.config, "data_dir": source.data_dir}
+    if path.is_dir():
+        return _load_local(path, str(path), split=split, **options)
+    try:
+        return datasets.load_dataset(str(source.path), split=split, **options)
+    except (FileNotFoundError, ConnectionError) as err:
+        raise FileNotFoundError(f"{str(source)!r} is not a local folder, and loading it from the Hugging Face Hub "
+                                f"failed: {err}") from err
+
+
 def _load_local(path: Path, *args: Any, **kwargs: Any) -> Dataset:
     """datasets.load_dataset on a local file or folder, with a clear error for no rows or a broken file.
 
@@ -84,6 +130,9 @@ def _load_local(path: Path, *args: Any, **kwargs: Any) -> Dataset:
     except Exception as err:
         if isinstance(err, ValueError) and "corresponds to no data" in str(err):  # a split with no rows
             raise ValueError(f"dataset {where!r} is empty (no rows)") from err
+        if isinstance(err, ValueError) and str(err).startswith("Unknown split"):
+            raise ValueError(f"{where!r}: {err} (the split is dataset_train_split, or dataset_test_split for the "
+                             "eval dataset)") from err
         files = [path] if path.is_file() else _text_data_files(path)
         problem = next((found for found in map(file_problem, files) if found), None)
         if problem is not None:

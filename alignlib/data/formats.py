@@ -27,7 +27,7 @@ __all__ = ["PREFERENCE_FORMATS", "PROMPT_FORMATS", "UNPAIRED_FORMATS", "common_p
 # Each preference format and the columns it needs. Message lists are [{"role", "content"}, ...].
 PREFERENCE_FORMATS: dict[str, tuple[str, ...]] = {
     "standard": ("prompt", "chosen", "rejected"),  # strings; chosen/rejected are responses only
-    "conversational": ("chosen", "rejected"),  # message lists (+ optional `prompt` message list)
+    "conversational": ("chosen", "rejected"),  # message lists (+ optional `prompt`: messages, or plain text)
     "orca_dpo_pairs": ("question", "chosen", "rejected"),  # Intel/orca_dpo_pairs (+ optional `system`)
     "stack_exchange_paired": ("question", "response_j", "response_k"),  # response_j preferred
 }
@@ -62,11 +62,13 @@ def _detect_format(dataset: Dataset, known: dict[str, tuple[str, ...]]) -> str:
         return "unpaired"
     if {"question", "response_j", "response_k"} <= columns:
         return "stack_exchange_paired"
+    # Message lists first: orpo-dpo-mix-40k's rows hold conversations in chosen/rejected beside
+    # plain-text `prompt` and `question` columns.
+    if {"chosen", "rejected"} <= columns and _holds_lists(dataset, "chosen"):
+        return "conversational"
     if {"question", "chosen", "rejected"} <= columns:
         return "orca_dpo_pairs"
     if {"chosen", "rejected"} <= columns:
-        if _holds_lists(dataset, "chosen"):
-            return "conversational"
         if "prompt" in columns:
             return "standard"
     elif "prompt" in known and "prompt" in columns:
@@ -158,8 +160,8 @@ def _require_same_prompt(chosen: list[dict], rejected: list[dict], number: int) 
 def _require_chat_template(tokenizer: Any, number: int) -> None:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError(
-            f"row {number}: conversational rows need a tokenizer with a chat template "
-            "(pass tokenizer=... whose chat_template is set)"
+            f"row {number}: conversational rows need a chat template and the tokenizer has none (set one up "
+            "with --chat_template chatml, or give a tokenizer whose chat_template is set)"
         )
 
 
@@ -199,9 +201,14 @@ def _normalise_row(
         }
     elif format == "conversational":
         chosen, rejected = _messages(row, "chosen", number), _messages(row, "rejected", number)
-        if "prompt" in row:  # the data has a prompt column: chosen/rejected are the responses
+        if "prompt" in row and not isinstance(row["prompt"], str):  # messages: chosen/rejected are the responses
             prompt = _messages(row, "prompt", number)
-        else:  # the shared leading messages are the prompt; each side keeps at least its last message
+        elif isinstance(row.get("prompt"), str) and chosen[0]["role"] == rejected[0]["role"] == "assistant":
+            # responses only, with the prompt as plain text: it is the user's turn
+            prompt = [{"role": "user", "content": row["prompt"]}]
+        else:  # whole conversations (a plain-text prompt column beside them, as in orpo-dpo-mix-40k, is a
+            # copy of the user's turn): the shared leading messages are the prompt, each side keeping at
+            # least its last message
             shared = min(common_prefix_length(chosen, rejected), len(chosen) - 1, len(rejected) - 1)
             prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
             _require_same_prompt(chosen, rejected, number)

@@ -7,7 +7,7 @@ written half-way.
   ValueError naming the file, the 1-based line (or byte offset) and the problem. Good files are
   read once: the line scan runs only after a failed read.
 - chosen identical to rejected: kept, counted in TokenizeStats (truncation included) and printed by
-  the trainer's load_pairs.
+  alignlib.run_data.load_pairs.
 - Token ids outside the model's vocabulary: `check_token_ids` names the row, the id and the size,
   fast on 100k rows.
 - An adapter or a checkpoint made for another model: a ValueError, and the model is left as it was.
@@ -43,8 +43,9 @@ from alignlib.data import (
     tokenize_preference_dataset,
 )
 from alignlib.models import ModelConfig, load_causal_lm
+from alignlib.run_data import load_pairs
 from alignlib.saved_models import load_for_generation, save_model
-from alignlib.trainer import TrainConfig, load_pairs
+from alignlib.trainer import TrainConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*do not end on a token boundary")
 

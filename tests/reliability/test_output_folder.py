@@ -158,6 +158,13 @@ def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 3
         time.sleep(0.05)
 
 
+def checkpoint_at_least(folder: Path, step: int):
+    """A condition: the folder holds a checkpoint of `step` or later (save_total_limit deletes older
+    ones while the run goes on, so polling for one exact checkpoint can miss it)."""
+    return lambda: any(int(path.name.split("-")[1]) >= step for path in folder.glob("checkpoint-*")
+                       if path.name.split("-")[1].isdigit())
+
+
 def holds_lock(folder: Path, process: subprocess.Popen):
     lock = folder / ".alignlib.lock"
     return lambda: lock.is_file() and lock.read_text().strip() == str(process.pid)
@@ -174,7 +181,7 @@ def test_a_second_run_into_the_same_folder_fails_at_once_naming_the_first(workdi
     second = run("train", "dpo", *flags(workdir, folder, max_steps=LONG, seed=2, save_steps=20), cwd=workdir)
     assert second.returncode == 1
     one_error_line(second, "in use by another alignlib run", f"PID {first.pid}")
-    wait_for(lambda: (folder / "checkpoint-20").is_dir(), first, "the first run's checkpoint")
+    wait_for(checkpoint_at_least(folder, 20), first, "the first run's checkpoint")
     first.send_signal(signal.SIGINT)
     _, stderr = first.communicate(timeout=300)
     assert first.returncode == 130, stderr
@@ -278,7 +285,7 @@ def test_ctrl_c_says_where_the_run_stands_and_the_checkpoint_resumes(workdir, tm
     folder = tmp_path / "interrupted"
     settings = flags(workdir, folder, max_steps=LONG, save_steps=2)
     process = start("train", "dpo", *settings, cwd=workdir)
-    wait_for(lambda: (folder / "checkpoint-4").is_dir(), process, "checkpoint-4")
+    wait_for(checkpoint_at_least(folder, 4), process, "checkpoint-4")
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 130
@@ -288,7 +295,7 @@ def test_ctrl_c_says_where_the_run_stands_and_the_checkpoint_resumes(workdir, tm
     assert f"checkpoint-{newest} is the newest" in line
 
     resumed = start("train", "dpo", *settings, "--resume_from_checkpoint", "latest", cwd=workdir)
-    wait_for(lambda: (folder / f"checkpoint-{newest + 4}").is_dir(), resumed, "a checkpoint of the resumed run")
+    wait_for(checkpoint_at_least(folder, newest + 4), resumed, "a checkpoint of the resumed run")
     resumed.send_signal(signal.SIGINT)
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 130, stderr
