@@ -524,25 +524,35 @@ def merge_command(args: list[str]) -> int:
 
 
 def recipes_command(args: list[str]) -> int:
-    """`alignlib recipes [--show NAME]`: the shipped recipes one line each, or one recipe's YAML."""
-    from alignlib.recipes import load_recipes
+    """`alignlib recipes [--show NAME]`: the shipped recipes, tutorial by tutorial, or one recipe's YAML."""
+    from alignlib.recipes import find_recipe, load_recipes
 
     parser = _one_line_errors(argparse.ArgumentParser(
         prog="alignlib recipes", allow_abbrev=False,
-        description="The recipes shipped with alignlib: one per stage of each tutorial (docs/recipes.md)."))
-    parser.add_argument("--show", metavar="NAME", help="Print the recipe's YAML, with its sources and differences.")
+        description="The shipped recipes: one YAML of settings per stage of a tutorial. Run one with "
+                    "`alignlib train OBJECTIVE --config NAME`; flags given after it override its values."))
+    parser.add_argument("--show", default=None, metavar="NAME", help="Print the recipe's YAML (with where each "
+                        "value comes from) and its path.")
     options = parser.parse_args(args)
     recipes = load_recipes()
     if options.show is not None:
-        if options.show not in recipes:
+        recipe = find_recipe(options.show)
+        if recipe is None:
             raise ValueError(f"--show {options.show}: no recipe of that name; recipes: {', '.join(recipes)}")
-        print(recipes[options.show].path.read_text(), end="")
+        print(f"# {recipe.path}\n# alignlib train {recipe.objective} --config {recipe.name}\n")
+        print(recipe.path.read_text(), end="")
         return 0
-    print(f"{'recipe':<24} {'train':<7} stage tutorial")
+    tutorial = None
     for recipe in recipes.values():
-        print(recipe.line())
-    print("\nrun one: alignlib train OBJECTIVE --config NAME [--KEY VALUE ...]; its YAML: alignlib recipes --show NAME; "
-          "each stage writes to a folder of its name, which the next stage reads (docs/recipes.md)")
+        if recipe.tutorial != tutorial:
+            tutorial = recipe.tutorial
+            print(f"\n{tutorial}")
+        after = f"   (after {recipe.after})" if recipe.after else ""
+        if recipe.first:
+            print(f"  {'':3}  {recipe.first}")
+        print(f"  {recipe.stage}/{recipe.stages}  alignlib train {recipe.objective:<6} --config {recipe.name:<24}"
+              f" {recipe.does}{after}")
+    print("\nalignlib recipes --show NAME prints a recipe; docs/recipes.md maps each tutorial step to its command.")
     return 0
 
 

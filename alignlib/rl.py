@@ -38,7 +38,6 @@ resume refused unless it is the same run); the math is alignlib.rl_objectives' a
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -493,7 +492,7 @@ def setup_online(config: OnlineConfig, model_config: ModelConfig, processes: Pro
     logger = MetricsLogger(config.output_dir, resume_step=start_step if checkpoint is not None else None)
     if processes.is_main:
         write_text_atomic(Path(config.output_dir) / "config.json", json.dumps(
-            {"objective": objective.name, objective.name: dataclasses.asdict(config),
+            {"objective": objective.name, objective.name: portable_settings(config),
              "model": portable_settings(model_config), "world_size": processes.world_size, "run": record},
             indent=2, default=str))
     guard = NonFiniteGuard(config.on_nonfinite, lambda record, step: logger.log(record, step=step),

@@ -269,12 +269,16 @@ def _resolved_model(path: str | None) -> str | None:
     return path
 
 
+MODEL_PATH_SETTINGS = ("model_name_or_path", "ref_model", "reward_model")
+
+
 def portable_settings(config: Any) -> dict[str, Any]:
-    """A config dataclass as a dict for config.json, with a local model path made absolute, so a
-    checkpoint of the run loads from any working directory."""
+    """A config dataclass as a dict for config.json, with local model paths (the model, the reference
+    model, the reward model) made absolute, so a checkpoint of the run loads from any working directory."""
     settings = dataclasses.asdict(config)
-    if "model_name_or_path" in settings:
-        settings["model_name_or_path"] = _resolved_model(settings["model_name_or_path"])
+    for key in MODEL_PATH_SETTINGS:
+        if isinstance(settings.get(key), str):
+            settings[key] = _resolved_model(settings[key])
     return settings
 
 

@@ -36,7 +36,6 @@ in each checkpoint, a resumed run repeats the uninterrupted one exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import math
@@ -464,7 +463,7 @@ def _claim_output_dir(objective: str, cfg: TrainConfig, model_cfg: ModelConfig, 
         moved = claim_output_dir(cfg.output_dir, overwrite=cfg.overwrite_output_dir)
         if moved is not None:
             print(f"overwrite_output_dir: the previous run's files in {cfg.output_dir} were moved to {moved}", flush=True)
-    settings = {"objective": objective, "train": dataclasses.asdict(cfg), "model": portable_settings(model_cfg),
+    settings = {"objective": objective, "train": portable_settings(cfg), "model": portable_settings(model_cfg),
                 "world_size": processes.world_size, "run": record}
     integrations = report_integrations(cfg.report_to)
     if not integrations and "all" in cfg.report_to and processes.is_main:
