@@ -271,10 +271,12 @@ def test_stackllama_sft_merge_reward_then_ppo(tmp_path):
         answers("stackllama-ppo/final")
 
 
-@pytest.mark.parametrize("dpo_recipe", ["phi2-t4-dpo", "phi2-t4-dpo-merged", "phi2-t4-dpo-two-models"])
-def test_phi2_t4_sft_then_dpo(tmp_path, dpo_recipe):
+@pytest.mark.parametrize(("dpo_recipe", "reference"), [("phi2-t4-dpo", []), ("phi2-t4-dpo-merged", []),
+                                                      ("phi2-t4-dpo-two-models", []),
+                                                      ("phi2-t4-dpo-merged", ["--reference_strategy", "precomputed"])])
+def test_phi2_t4_sft_then_dpo(tmp_path, dpo_recipe, reference):
     """SFT with QLoRA on ultrachat messages (ChatML set up), then DPO on ultrafeedback from the SFT
-    adapter, with each of the three references of TRL's PEFT docs."""
+    adapter, with each of the three references of TRL's PEFT docs, and the fourth (precomputed)."""
     with working_in(tmp_path):
         hub_model(tmp_path, "microsoft/phi-2")
         chat = [{"prompt": p["prompt"], "prompt_id": str(i), "messages": conversation(p["prompt"], p["chosen"])}
@@ -288,10 +290,11 @@ def test_phi2_t4_sft_then_dpo(tmp_path, dpo_recipe):
                           rows)
         train_stage("phi2-t4-sft")
         trained("phi2-t4-sft")
-        train_stage(dpo_recipe)
+        train_stage(dpo_recipe, *reference)
         assert trained(dpo_recipe)["step"] == 2
         config = json.loads(Path(dpo_recipe, "config.json").read_text())
-        assert config["train"]["reference_strategy"] == recipe_text(dpo_recipe)["reference_strategy"]
+        strategy = reference[1] if reference else recipe_text(dpo_recipe)["reference_strategy"]
+        assert config["train"]["reference_strategy"] == strategy
         answers(f"{dpo_recipe}/final")
 
 
