@@ -14,8 +14,8 @@
 #     2. pytest tests/kernels tests/test_fused_lora.py tests/test_kernel_wiring.py on the device:
 #        every kernel compiled for this GPU, tests/kernels/test_gpu_sizes.py at real sizes (a launch
 #        that falls back to torch fails it), the compile-for-every-target sweep;
-#     3. python -m benchmarks: logprobs and lora at the `gpu-check` preset, dpo_step and orpo_step at
-#        `gpu`, against eager torch, TRL 1.16, Liger-Kernel, cut-cross-entropy, torch's
+#     3. python -m benchmarks: logprobs and lora at the `gpu-check` preset, dpo_step, orpo_step,
+#        kto_step and grpo_step at `gpu`, against eager torch, TRL 1.16, Liger-Kernel, cut-cross-entropy, torch's
 #        linear_cross_entropy, peft and Unsloth (rows for a peer that does not import say why);
 #        each stage under its own time limit, so one slow stage cannot sink the rest;
 #     4. docs/benchmarks/gpu/: each suite's JSON, markdown and PNG, and README.md with the device, the
@@ -105,20 +105,22 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log it, note 
 }
 : > "$WORK/stages.md"
 workers=$(( $(nproc) > 8 ? 8 : $(nproc) ))
-stage "kernel tests on the device" 170 $PYTHON -m pytest -q -p no:cacheprovider -n "$workers" \
+stage "kernel tests on the device" 150 $PYTHON -m pytest -q -p no:cacheprovider -n "$workers" \
     tests/kernels tests/test_fused_lora.py tests/test_kernel_wiring.py
 tests_summary=$(grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$LOG" | tail -15)
 
 # 3. the benchmarks (LoRA tiles autotuned on this GPU; the fixed table is what no GPU has measured).
 bench() { stage "benchmark $1 ($2)" "$3" $PYTHON -m benchmarks "$1" --device cuda --sizes "$2" --out "$DOCS" \
               --warmup 2 --repeats 5; }
-bench logprobs gpu-check 100
+bench logprobs gpu-check 80
 export ALIGNLIB_LORA_AUTOTUNE=1
-bench lora gpu-check 60
+bench lora gpu-check 50
 unset ALIGNLIB_LORA_AUTOTUNE
-bench dpo_step gpu 70
-bench orpo_step gpu 70
-tiles=$(ALIGNLIB_LORA_AUTOTUNE=1 timeout 40 $PYTHON -P - <<'EOF' 2>&1
+bench dpo_step gpu 50
+bench orpo_step gpu 40
+bench kto_step gpu 40
+bench grpo_step gpu 45
+tiles=$(ALIGNLIB_LORA_AUTOTUNE=1 timeout 30 $PYTHON -P - <<'EOF' 2>&1
 import torch
 from alignlib.kernels import lora_linear
 from alignlib.kernels.lora_tiles import tuned_configs

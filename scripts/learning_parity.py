@@ -1,9 +1,10 @@
-"""Learning parity: alignlib's DPO and KTO trainers against TRL 1.16's DPOTrainer and KTOTrainer,
-same task, same hyperparameters.
+"""Learning parity: alignlib's DPO, KTO and SFT trainers against TRL 1.16's DPOTrainer, KTOTrainer and
+SFTTrainer, same task, same hyperparameters.
 
     python scripts/learning_parity.py                      # DPO, seeds 0 1 2, results table on stdout
     python scripts/learning_parity.py --seeds 0 --steps 50 # a quick look
     python scripts/learning_parity.py --objective kto      # KTO
+    python scripts/learning_parity.py --objective sft      # SFT (--packing: packed rows, both libraries)
     python scripts/learning_parity.py --json results.json  # also the raw numbers
 
 The task is alignlib's embedded demo (alignlib/demo): a tiny Llama warm-started to answer
@@ -46,6 +47,26 @@ also the held-out reward margin: beta times that margin, averaged over the held-
 which is the mean reward of the desirable completions minus that of the undesirable ones
 (KTO's rewards/margins on the held-out pairs read as unpaired rows).
 
+SFT: both libraries start from the *untrained* demo model (`prepare_base_model(..., steps=0)`, as
+`alignlib train sft` does) and train on train.jsonl's prompts with their chosen answers, written once
+as prompt/completion rows (the same file for both), loss on the completion only (its EOS included),
+the loss of a step the NLL of its trained tokens over their count. TRL's SFTTrainer does not shuffle
+the prepared rows (shuffle_dataset False) and its Trainer samples them like DPO's, so both see the same
+batches in the same order; the script records the batches TRL's training_step gets and checks them,
+token for token, against alignlib's (`alignlib.training.Schedule` over alignlib's tokenized rows), and
+checks TRL's prepared rows against alignlib's (packed too, with --packing: TRL packs best-fit
+decreasing into the same rows in the same order, and runs each batch padding-free as one row with
+restarting position ids; alignlib keeps the rows and restarts the position ids in each). The learning
+rate defaults to 1e-3, not the demo's 3e-3: at 3e-3 training is unstable enough (loss spikes with
+gradient norms up to ~9) that float32 round-off grows into different trajectories, between alignlib
+and TRL as between alignlib and itself with use_kernels (`--also-alignlib-kernels` runs that
+control). Scores (`sft_heldout_scores`, one function for every model): the held-out mean NLL per
+trained token of heldout.jsonl's prompts + chosen answers; the share of held-out answers that greedy
+decoding reproduces exactly, EOS included (computed teacher-forced: greedy decoding follows the answer
+exactly when the argmax at every answer position is the answer's token); and the share of greedy
+answers (at most 32 new tokens) to the held-out "how do i ..." prompts that the demo's judge
+`demo.is_helpful` calls helpful.
+
 Time is measured end to end for each library, from the base model's path to the trained
 model saved on disk (loading policy and reference, tokenizing, training, saving), in this
 one process, the two runs of a seed back to back, the order alternating with the seed (even
@@ -79,14 +100,18 @@ from transformers.utils import logging as transformers_logging
 from alignlib import demo
 from alignlib.data import (
     PreferenceCollator,
+    SequenceCollator,
     UnpairedCollator,
     load_preference_dataset,
+    load_sft_dataset,
     load_unpaired_dataset,
+    pack_sequences,
     pad_token_id_for,
     tokenize_preference_dataset,
+    tokenize_sft_dataset,
     tokenize_unpaired_dataset,
 )
-from alignlib.logprobs import sequence_logprobs
+from alignlib.logprobs import IGNORE_INDEX, sequence_logprobs
 from alignlib.models import ModelConfig, load_tokenizer
 from alignlib.trainer import TrainConfig, train
 from alignlib.training import Schedule
@@ -116,13 +141,16 @@ class Settings:
 class RunResult:
     library: str
     seed: int
-    heldout_accuracy: float
-    heldout_margin: float  # beta x the mean held-out implicit-reward margin (KTO's rewards/margins)
+    heldout_accuracy: float | None  # None for SFT (its scores are the last three fields)
+    heldout_margin: float | None  # beta x the mean held-out implicit-reward margin (KTO's rewards/margins)
     wall_seconds: float
     cpu_seconds: float  # this process's CPU time over the run: less sensitive than wall time to other processes
     load_average_before: float
     position: int  # 1: ran first for this seed, 2: second
     model_dir: str
+    heldout_nll: float | None = None  # SFT: held-out mean NLL per trained token
+    exact_match: float | None = None  # SFT: share of held-out answers greedy decoding reproduces exactly
+    helpful: float | None = None  # SFT: share of greedy answers to held-out "how do i" prompts that demo.is_helpful passes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,6 +257,230 @@ def check_same_kto_batches(trl_dataset, base: Path, order: list[int] | None, bat
             n = int(mismatched["attention_mask"][row].sum())
             if mismatched["input_ids"][row, :n].tolist() != ids:
                 raise RuntimeError(f"TRL's KL pair {start + row} differs from alignlib's mismatched pair")
+
+
+# ----------------------------------------------------------------------------------------------
+# SFT: the untrained model, trained on the prompts with their chosen answers
+# ----------------------------------------------------------------------------------------------
+
+SFT_LEARNING_RATE = 1e-3  # not the demo's 3e-3: see the module docstring
+SFT_MAX_NEW_TOKENS = 32  # greedy answers to the held-out prompts (a chosen answer has at most 18 tokens with EOS)
+
+
+@dataclass(frozen=True)
+class SFTOptions:
+    data: Path  # the prompt/completion rows both libraries read (sft_rows_file)
+    packing: bool = False
+
+
+def sft_rows_file(workdir: Path) -> Path:
+    """train.jsonl's prompts with their chosen answers as prompt/completion rows, in a JSON Lines file that
+    both libraries read (written before any clock starts)."""
+    path = workdir / "sft_train.jsonl"
+    rows = [{"prompt": pair["prompt"], "completion": pair["chosen"]} for pair in demo.read_pairs(demo.TRAIN_FILE)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def sft_settings(settings: Settings) -> dict:
+    """The settings SFT takes: all but beta."""
+    return {key: value for key, value in asdict(settings).items() if key != "beta"}
+
+
+def run_alignlib_sft(base: Path, output_dir: Path, settings: Settings, seed: int, options: SFTOptions,
+                     use_kernels: bool = False) -> Path:
+    cfg = TrainConfig(output_dir=str(output_dir), dataset_name=str(options.data), max_length=MAX_LENGTH, seed=seed,
+                      packing=options.packing, use_kernels=use_kernels, save_steps=0, plot=False, disable_tqdm=True,
+                      **sft_settings(settings))
+    return train("sft", cfg, ModelConfig(model_name_or_path=str(base), dtype="float32")).model_dir
+
+
+def run_trl_sft(base: Path, output_dir: Path, settings: Settings, seed: int, options: SFTOptions):
+    """The trained model's directory, TRL's prepared training set, and the batches its training_step got, in
+    order (copies of input_ids, labels and, unpacked, the attention mask), for the checks."""
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=str(output_dir), seed=seed, max_length=MAX_LENGTH, packing=options.packing,
+                     completion_only_loss=True, shuffle_dataset=False, gradient_accumulation_steps=1,
+                     save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+                     bf16=False, gradient_checkpointing=False, dataloader_num_workers=0, **sft_settings(settings))
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), args=args,
+                         train_dataset=load_dataset("json", data_files=str(options.data), split="train"),
+                         processing_class=load_tokenizer(str(base)))
+    batches, training_step = [], trainer.training_step
+
+    def recording_step(model, inputs, *rest, **kwargs):
+        batches.append({key: inputs[key].clone() for key in ("input_ids", "labels", "attention_mask") if key in inputs})
+        return training_step(model, inputs, *rest, **kwargs)
+
+    trainer.training_step = recording_step
+    trainer.train()
+    final = output_dir / "final"
+    trainer.save_model(str(final))
+    return final, trainer.train_dataset, batches
+
+
+def alignlib_sft_rows(base: Path, source: Path, packing: bool):
+    """alignlib's tokenized training rows of `source` (packed with `packing`), as its trainer builds them."""
+    tokenizer = load_tokenizer(str(base))
+    rows, stats = tokenize_sft_dataset(load_sft_dataset(str(source), tokenizer), tokenizer, max_length=MAX_LENGTH)
+    if stats.truncated or stats.dropped_no_trained_token:
+        raise RuntimeError(f"the demo's SFT rows were truncated or dropped ({stats}); the checks assume none are")
+    return pack_sequences(rows, MAX_LENGTH) if packing else rows
+
+
+def check_same_sft_batches(trl_dataset, batches: list[dict], base: Path, settings: Settings, seed: int,
+                           options: SFTOptions) -> None:
+    """TRL's prepared rows are alignlib's, token for token (ids, labels, packed sequence lengths; alignlib reading
+    the pairs file itself, as the demo does, builds the same rows), and the batch of each step TRL trained on
+    holds alignlib's rows of that step in the same order (its real tokens and their labels, row after row)."""
+    ours = alignlib_sft_rows(base, options.data, options.packing)
+    columns = ("input_ids", "labels", "seq_lengths") if options.packing else ("input_ids", "labels")
+    if any(ours[column] != trl_dataset[column] for column in columns):
+        raise RuntimeError("TRL's prepared SFT rows are not alignlib's; the comparison would be unfair")
+    from_pairs = alignlib_sft_rows(base, demo.TRAIN_FILE, options.packing)
+    if any(from_pairs[column] != ours[column] for column in columns):
+        raise RuntimeError("alignlib builds other rows from the pairs file than from its prompt/completion rows")
+    size = settings.per_device_train_batch_size
+    schedule = Schedule(len(ours), size, size, seed)
+    if len(batches) != settings.max_steps:
+        raise RuntimeError(f"TRL ran {len(batches)} training steps, not {settings.max_steps}")
+    for step, theirs in enumerate(batches):
+        rows = [ours[i] for i in schedule.step_indices(step)]
+        real = theirs["attention_mask"].bool() if "attention_mask" in theirs else torch.ones_like(theirs["input_ids"],
+                                                                                                  dtype=torch.bool)
+        for column in ("input_ids", "labels"):
+            if theirs[column][real].tolist() != [token for row in rows for token in row[column]]:
+                raise RuntimeError(f"step {step + 1}: TRL's batch ({column}) is not alignlib's rows of that step")
+
+
+@torch.no_grad()
+def sft_heldout_scores(model_dir: Path, base: Path) -> tuple[float, float, float]:
+    """The model in model_dir on the held-out pairs' prompts + chosen answers: (mean NLL per trained token,
+    the share of answers that greedy decoding reproduces exactly, EOS included), and the share of its greedy
+    answers to the held-out "how do i ..." prompts that demo.is_helpful passes.
+
+    Exact match is computed teacher-forced: greedy decoding reproduces an answer exactly if and only if, at
+    every position of the answer, the most likely next token given the answer so far is the answer's token."""
+    from transformers import GenerationConfig
+
+    tokenizer = load_tokenizer(str(base))
+    rows, stats = tokenize_sft_dataset(load_sft_dataset(str(demo.HELDOUT_FILE), tokenizer), tokenizer,
+                                       max_length=MAX_LENGTH)
+    if stats.truncated or stats.dropped_no_trained_token:
+        raise RuntimeError(f"the held-out SFT rows were truncated or dropped ({stats})")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    collate = SequenceCollator(pad_token_id_for(tokenizer))
+    nll, tokens, exact = 0.0, 0, 0
+    for start in range(0, len(rows), 50):
+        batch = collate([rows[i] for i in range(start, min(start + 50, len(rows)))])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll -= sequence_logprobs(logits, batch["labels"]).double().sum().item()
+        labels = batch["labels"][:, 1:]
+        trained = labels != IGNORE_INDEX
+        tokens += int(trained.sum())
+        exact += int(((logits[:, :-1].argmax(-1) == labels) | ~trained).all(-1).sum())
+    prompts = demo.demo_prompts(demo.HELDOUT_FILE)
+    left = load_tokenizer(str(base), padding_side="left")
+    encoded = left(prompts, return_tensors="pt", padding=True)
+    config = GenerationConfig(do_sample=False, max_new_tokens=SFT_MAX_NEW_TOKENS, pad_token_id=left.pad_token_id,
+                              eos_token_id=left.eos_token_id, bos_token_id=None)
+    generated = model.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
+                               generation_config=config)
+    answers = left.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+    return nll / tokens, exact / len(rows), sum(map(demo.is_helpful, answers)) / len(answers)
+
+
+def timed_sft_run(library: str, base: Path, workdir: Path, settings: Settings, seed: int, position: int,
+                  options: SFTOptions, name: str | None = None) -> RunResult:
+    """One timed SFT run (base model path to saved model), its checks (TRL), and its held-out scores.
+    name "alignlib-kernels": alignlib with use_kernels, the round-off control."""
+    output_dir = workdir / f"sft{'-packed' if options.packing else ''}-{name or library}-seed{seed}"
+    load = os.getloadavg()[0]
+    started, cpu_started = time.perf_counter(), time.process_time()
+    if library == "trl":
+        model_dir, trl_dataset, batches = run_trl_sft(base, output_dir, settings, seed, options)
+    else:
+        model_dir = run_alignlib_sft(base, output_dir, settings, seed, options, use_kernels=name == "alignlib-kernels")
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    if library == "trl":
+        check_same_sft_batches(trl_dataset, batches, base, settings, seed, options)
+    nll, exact, helpful = sft_heldout_scores(model_dir, base)
+    print(f"seed {seed} {name or library:8s} held-out NLL {nll:.4f}  exact {exact:.3f}  helpful {helpful:.3f}  "
+          f"wall {seconds:.1f} s  CPU {cpu_seconds:.1f} s  (load average before {load:.2f})", flush=True)
+    return RunResult(name or library, seed, None, None, seconds, cpu_seconds, load, position, str(model_dir),
+                     heldout_nll=nll, exact_match=exact, helpful=helpful)
+
+
+def sft_table(results: list[RunResult], base_scores: tuple[float, float, float],
+              weights: dict[int, tuple[float, float]]) -> str:
+    """The per-seed SFT table and the mean row."""
+    lines = ["| seed | alignlib NLL | TRL NLL | difference | alignlib exact | TRL exact | alignlib helpful "
+             "| TRL helpful | alignlib wall (s) | TRL wall (s) | alignlib CPU (s) | TRL CPU (s) | ran first "
+             "| max weight diff. | max weight change |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    seeds = sorted({r.seed for r in results})
+    for seed in seeds:
+        ours = next(r for r in results if r.seed == seed and r.library == "alignlib")
+        theirs = next(r for r in results if r.seed == seed and r.library == "trl")
+        lines.append(f"| {seed} | {ours.heldout_nll:.4f} | {theirs.heldout_nll:.4f} | "
+                     f"{ours.heldout_nll - theirs.heldout_nll:+.4f} | {ours.exact_match:.3f} | {theirs.exact_match:.3f} | "
+                     f"{ours.helpful:.3f} | {theirs.helpful:.3f} | {ours.wall_seconds:.1f} | {theirs.wall_seconds:.1f} | "
+                     f"{ours.cpu_seconds:.1f} | {theirs.cpu_seconds:.1f} | "
+                     f"{'alignlib' if ours.position == 1 else 'TRL'} | {weights[seed][0]:.1e} | {weights[seed][1]:.1e} |")
+
+    def mean(library: str, field: str) -> float:
+        return sum(getattr(r, field) for r in results if r.library == library) / len(seeds)
+
+    cells = [f"{mean('alignlib', 'heldout_nll'):.4f}", f"{mean('trl', 'heldout_nll'):.4f}",
+             f"{mean('alignlib', 'heldout_nll') - mean('trl', 'heldout_nll'):+.4f}"]
+    cells += [f"{mean(lib, field):{fmt}}" for field, fmt in (("exact_match", ".3f"), ("helpful", ".3f"),
+                                                             ("wall_seconds", ".1f"), ("cpu_seconds", ".1f"))
+              for lib in ("alignlib", "trl")]
+    lines.append(f"| mean | {' | '.join(cells)} | | | |")
+    lines.append(f"\nUntrained model: held-out NLL {base_scores[0]:.4f}, exact {base_scores[1]:.3f}, "
+                 f"helpful {base_scores[2]:.3f}.")
+    return "\n".join(lines)
+
+
+def main_sft(args: argparse.Namespace, settings: Settings, workdir: Path) -> None:
+    """The SFT comparison: the untrained demo model, then per seed the two runs (and the control), the table."""
+    base = demo.prepare_base_model(workdir / "untrained", steps=0, show_progress=False)
+    options = SFTOptions(sft_rows_file(workdir), packing=args.packing)
+    base_scores = sft_heldout_scores(base, base)
+    print(f"objective sft{' (packed)' if args.packing else ''}; settings: {sft_settings(settings)}; "
+          f"threads {args.threads}; workdir {workdir}", flush=True)
+    short = replace(settings, max_steps=2, logging_steps=1)  # the untimed warm-up runs
+    run_alignlib_sft(base, workdir / "sft-warmup-alignlib", short, args.seeds[0], options)
+    run_trl_sft(base, workdir / "sft-warmup-trl", short, args.seeds[0], options)
+
+    results, weights, controls = [], {}, []
+    for seed in args.seeds:
+        order = ("alignlib", "trl") if seed % 2 == 0 else ("trl", "alignlib")
+        runs = {library: timed_sft_run(library, base, workdir, settings, seed, position, options)
+                for position, library in enumerate(order, start=1)}
+        results += runs.values()
+        weights[seed] = weight_differences(Path(runs["alignlib"].model_dir), Path(runs["trl"].model_dir), base)
+        print(f"seed {seed} max |w_alignlib - w_TRL| {weights[seed][0]:.2e}; "
+              f"max |w_alignlib - w_base| {weights[seed][1]:.2e}", flush=True)
+        if args.also_alignlib_kernels:
+            control = timed_sft_run("alignlib", base, workdir, settings, seed, 3, options, name="alignlib-kernels")
+            difference = weight_differences(Path(runs["alignlib"].model_dir), Path(control.model_dir), base)[0]
+            controls.append((control, difference))
+            print(f"seed {seed} max |w_alignlib - w_alignlib_kernels| {difference:.2e}", flush=True)
+    print()
+    print(sft_table(results, base_scores, weights))
+    for control, difference in controls:
+        print(f"\nalignlib use_kernels (seed {control.seed}): held-out NLL {control.heldout_nll:.4f}, exact "
+              f"{control.exact_match:.3f}, helpful {control.helpful:.3f}, max |w - w_alignlib| {difference:.1e}, "
+              f"wall {control.wall_seconds:.1f} s, CPU {control.cpu_seconds:.1f} s.")
+    if args.json:
+        args.json.write_text(json.dumps({"objective": "sft", "packing": args.packing,
+                                         "settings": sft_settings(settings), "threads": args.threads,
+                                         "base_scores": base_scores, "runs": [asdict(r) for r in results],
+                                         "weight_differences": weights,
+                                         "controls": [{**asdict(c), "max_weight_diff_vs_alignlib": d}
+                                                      for c, d in controls]}, indent=2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,12 +599,14 @@ def table(results: list[RunResult], base_accuracy: float, weights: dict[int, tup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--objective", choices=sorted(LOSS_TYPES), default="dpo",
-                        help="dpo (sigmoid) against DPOTrainer, or kto (kto) against KTOTrainer")
+    parser.add_argument("--objective", choices=[*sorted(LOSS_TYPES), "sft"], default="dpo",
+                        help="dpo (sigmoid) against DPOTrainer, kto (kto) against KTOTrainer, or sft against "
+                             "SFTTrainer")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=Settings.max_steps)
     parser.add_argument("--batch-size", type=int, default=Settings.per_device_train_batch_size)
-    parser.add_argument("--lr", type=float, default=Settings.learning_rate)
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"default {Settings.learning_rate} (dpo, kto), {SFT_LEARNING_RATE} (sft)")
     parser.add_argument("--beta", type=float, default=Settings.beta)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads, for both runs")
     parser.add_argument("--trl-order", choices=TRL_ORDERS, default="alignlib",
@@ -361,15 +615,25 @@ def main() -> None:
     parser.add_argument("--also-trl-file-order", action="store_true",
                         help="KTO: also one TRL run on the pairs file in TRL's own order (first seed; it does not "
                              "depend on the seed), scored the same way")
+    parser.add_argument("--packing", action="store_true",
+                        help="SFT: both libraries pack the sequences into rows of max_length (64) tokens; "
+                             "--batch-size then counts packed rows")
+    parser.add_argument("--also-alignlib-kernels", action="store_true",
+                        help="SFT: also an alignlib run with use_kernels per seed (the same math, other round-off), "
+                             "and its weights' largest difference from the plain alignlib run's")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     args = parser.parse_args()
+    if args.lr is None:
+        args.lr = SFT_LEARNING_RATE if args.objective == "sft" else Settings.learning_rate
     if args.steps < 1 or args.batch_size < 1 or args.lr <= 0 or args.beta <= 0 or args.threads < 1:
         parser.error("--steps, --batch-size and --threads must be >= 1, --lr and --beta > 0")
     if args.objective == "kto" and args.batch_size < 2:
         parser.error("KTO needs --batch-size >= 2 (TRL's KTOTrainer refuses 1: z0 would be the example's own reward)")
     if args.objective != "kto" and (args.trl_order != "alignlib" or args.also_trl_file_order):
         parser.error("--trl-order and --also-trl-file-order are for --objective kto")
+    if args.objective != "sft" and (args.packing or args.also_alignlib_kernels):
+        parser.error("--packing and --also-alignlib-kernels are for --objective sft")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -378,6 +642,9 @@ def main() -> None:
     settings = Settings(max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
                         beta=args.beta)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="learning-parity-"))
+    if args.objective == "sft":
+        main_sft(args, settings, workdir)
+        return
     base = demo.prepare_base_model(workdir / "base", show_progress=False)
     base_accuracy, _ = heldout_scores(base, base, settings.beta)
     print(f"objective {args.objective}; settings: {asdict(settings)}; threads {args.threads}; workdir {workdir}",
